@@ -1,0 +1,194 @@
+//! The command line: clap definitions and a thin dispatch onto the library. Man pages and
+//! shell completions are generated from these same definitions.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use crate::image;
+use crate::inspect;
+use crate::layout::Layout;
+use crate::platform::Platform;
+use crate::reference::ImageRef;
+
+/// Exit code for bad arguments (cli-conventions.md).
+pub const EXIT_USAGE: i32 = 3;
+/// Exit code for every other failure.
+pub const EXIT_FAILURE: i32 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lathe",
+    version,
+    about = "Build OCI images from source with Cloud Native Buildpacks: no daemon, no root",
+    long_about = "lathe turns application source into OCI images with real Cloud Native Buildpacks, \
+                  with no Docker daemon, no root and no privileged container. It reads and writes \
+                  images in registries (docker://), OCI layouts (oci:DIR[:ref]), OCI archives \
+                  (oci-archive:FILE[:ref]) and docker save archives (docker-archive:FILE[:ref])."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Print only errors
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// More log output (repeat for more)
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Copy an image or a whole index between transports
+    Copy(CopyArgs),
+    /// Show an image or index: platforms, layers, config and Buildpacks labels
+    Inspect(InspectArgs),
+    /// Remove blobs that no image in an OCI layout refers to
+    Gc(GcArgs),
+    /// Print a shell completion script
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlatformArgs {
+    /// Only these platforms (os/arch[/variant]; repeatable or comma-separated)
+    #[arg(long, value_name = "PLATFORM", value_delimiter = ',', value_parser = parse_platform)]
+    pub platform: Vec<Platform>,
+    /// Keep every platform of an index (the default)
+    #[arg(long, conflicts_with = "platform")]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// Source image reference
+    #[arg(value_parser = parse_ref)]
+    pub source: ImageRef,
+    /// Destination image reference
+    #[arg(value_parser = parse_ref)]
+    pub destination: ImageRef,
+    #[command(flatten)]
+    pub platforms: PlatformArgs,
+    /// Print the result (digest, platforms) as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Image reference
+    #[arg(value_parser = parse_ref)]
+    pub image: ImageRef,
+    #[command(flatten)]
+    pub platforms: PlatformArgs,
+    /// Print a JSON report on stdout
+    #[arg(long, conflicts_with = "raw")]
+    pub json: bool,
+    /// Print the manifest or index exactly as stored
+    #[arg(long)]
+    pub raw: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// The layout: oci:DIR
+    #[arg(value_parser = parse_ref)]
+    pub layout: ImageRef,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell
+    pub shell: clap_complete::Shell,
+}
+
+fn parse_ref(text: &str) -> Result<ImageRef, String> {
+    text.parse().map_err(|e: crate::reference::ReferenceError| e.why)
+}
+
+fn parse_platform(text: &str) -> Result<Platform, String> {
+    text.parse().map_err(|e: crate::platform::PlatformError| e.to_string())
+}
+
+pub fn command() -> clap::Command {
+    Cli::command()
+}
+
+/// Runs a parsed command line; errors carry the thing at fault.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Copy(args) => {
+            let report = image::copy(&args.source, &args.destination, &args.platforms.platform)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if !cli.global.quiet {
+                eprintln!(
+                    "Copied {} to {}: {} ({} blobs, {} bytes written)",
+                    args.source, args.destination, report.digest, report.blobs_copied, report.bytes_copied
+                );
+            }
+        }
+        Command::Inspect(args) => {
+            let source = image::open_source(&args.image)?;
+            let mut out = std::io::stdout().lock();
+            if args.raw {
+                out.write_all(&inspect::raw(source.as_ref(), &args.platforms.platform)?)?;
+            } else {
+                let report = inspect::inspect(source.as_ref(), &args.platforms.platform)?;
+                if args.json {
+                    writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+                } else {
+                    out.write_all(inspect::render(&report).as_bytes())?;
+                }
+            }
+        }
+        Command::Gc(args) => {
+            let ImageRef::Layout { dir, name: None } = &args.layout else {
+                anyhow::bail!("{}: gc takes an OCI layout, oci:DIR (with no ref name)", args.layout);
+            };
+            let (removed, freed) = Layout::open(dir)?.gc().with_context(|| format!("gc of {}", args.layout))?;
+            if !cli.global.quiet {
+                eprintln!("Removed {removed} unreferenced blobs ({freed} bytes) from {}", args.layout);
+            }
+        }
+        Command::Completions(args) => {
+            clap_complete::generate(args.shell, &mut command(), "lathe", &mut std::io::stdout());
+        }
+    }
+    Ok(())
+}
+
+/// Writes a man page for lathe and for each subcommand into `dir`.
+pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let cmd = command();
+    let mut written = Vec::new();
+    let mut render = |cmd: clap::Command, name: String| -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        clap_mangen::Man::new(cmd.name(name.clone())).render(&mut buf)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, buf)?;
+        written.push(path);
+        Ok(())
+    };
+    render(cmd.clone(), "lathe".into())?;
+    for sub in cmd.get_subcommands() {
+        render(sub.clone(), format!("lathe-{}", sub.get_name()))?;
+    }
+    Ok(written)
+}
+
+/// The exit code for an error: 3 for bad arguments, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    match err.downcast_ref::<image::ImageError>() {
+        Some(e) if e.is_usage() => EXIT_USAGE,
+        _ => EXIT_FAILURE,
+    }
+}

@@ -1,0 +1,240 @@
+//! Layer writing: a directory tree → deterministic tar → compressor → blob, with the diffID
+//! (sha256 of the tar) and the blob digest computed in the same streaming pass; and
+//! decompression of layer blobs by media type.
+//!
+//! Determinism: entries sorted by name, mtime fixed at 1980-01-01T00:00:01Z, no user or group
+//! names, owners from explicit rules. gzip goes through zlib-rs, whose output depends on how
+//! writes are split, so a fixed-size chunker sits in front of it (crates.md §5).
+
+use std::fs;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use oci_spec::image::{Digest, MediaType};
+
+use crate::content::{Compression, HashingWriter};
+
+/// 1980-01-01T00:00:01Z, the mtime the CNB lifecycle gives every layer entry.
+pub const NORMALIZED_MTIME: u64 = 315_532_801;
+const GZIP_CHUNK: usize = 64 * 1024;
+
+/// Owner rules: the longest rule whose path is the entry's path or one of its ancestors (by
+/// whole components) gives the uid:gid; everything else is 0:0.
+#[derive(Debug, Clone, Default)]
+pub struct Ownership {
+    rules: Vec<(PathBuf, u64, u64)>,
+}
+
+impl Ownership {
+    pub fn add(&mut self, path: impl Into<PathBuf>, uid: u64, gid: u64) {
+        self.rules.push((path.into(), uid, gid));
+    }
+
+    fn owner_of(&self, path: &Path) -> (u64, u64) {
+        self.rules
+            .iter()
+            .filter(|(prefix, _, _)| path.starts_with(prefix))
+            .max_by_key(|(prefix, _, _)| prefix.components().count())
+            .map_or((0, 0), |&(_, uid, gid)| (uid, gid))
+    }
+}
+
+/// The result of writing one layer.
+#[derive(Debug, Clone)]
+pub struct WrittenLayer {
+    pub digest: Digest,
+    pub size: u64,
+    pub diff_id: Digest,
+    pub media_type: MediaType,
+}
+
+/// Writes the tree under `dir` as a layer into `out`: a deterministic tar, gzip-compressed.
+/// Entry names are relative (`bin/sh`), directories carry their on-disk modes.
+pub fn write_dir_layer<W: Write>(dir: &Path, owners: &Ownership, out: W) -> io::Result<(WrittenLayer, W)> {
+    let blob = HashingWriter::new(out);
+    let gz = flate2::write::GzEncoder::new(Chunker::new(blob, GZIP_CHUNK), flate2::Compression::new(6));
+    let mut tar = tar::Builder::new(HashingWriter::new(BufWriter::with_capacity(GZIP_CHUNK, gz)));
+    tar.follow_symlinks(false);
+    let walker = walkdir::WalkDir::new(dir).min_depth(1).sort_by_file_name().follow_links(false);
+    for entry in walker {
+        let entry = entry.map_err(io::Error::other)?;
+        let rel = entry.path().strip_prefix(dir).expect("walkdir yields paths under its root");
+        append_entry(&mut tar, entry.path(), rel, owners)?;
+    }
+    let tar_hasher = tar.into_inner()?;
+    let (diff_id, _, buffered) = tar_hasher.finish();
+    let gz = buffered.into_inner().map_err(|e| e.into_error())?;
+    let chunker = gz.finish()?;
+    let (digest, size, out) = chunker.finish()?.finish();
+    Ok((WrittenLayer { digest, size, diff_id, media_type: MediaType::ImageLayerGzip }, out))
+}
+
+fn append_entry<W: Write>(tar: &mut tar::Builder<W>, path: &Path, rel: &Path, owners: &Ownership) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path)?;
+    let mut header = tar::Header::new_gnu();
+    let (uid, gid) = owners.owner_of(&Path::new("/").join(rel));
+    header.set_uid(uid);
+    header.set_gid(gid);
+    header.set_mtime(NORMALIZED_MTIME);
+    header.set_mode(meta.mode() & 0o7777);
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        header.set_entry_type(tar::EntryType::Directory);
+        header.set_size(0);
+        let mut name = rel.to_path_buf().into_os_string();
+        name.push("/");
+        tar.append_data(&mut header, name, io::empty())
+    } else if ft.is_symlink() {
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_size(0);
+        tar.append_link(&mut header, rel, fs::read_link(path)?)
+    } else if ft.is_file() {
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(meta.len());
+        tar.append_data(&mut header, rel, fs::File::open(path)?)
+    } else {
+        Err(io::Error::other(format!("{}: only files, directories and symlinks can go into a layer", path.display())))
+    }
+}
+
+/// Passes writes on in chunks of exactly `size` bytes (the last one shorter), so the encoder
+/// behind it sees the same split whatever the writer in front does.
+struct Chunker<W: Write> {
+    inner: W,
+    buf: Vec<u8>,
+    size: usize,
+}
+
+impl<W: Write> Chunker<W> {
+    fn new(inner: W, size: usize) -> Self {
+        Chunker { inner, buf: Vec::with_capacity(size), size }
+    }
+
+    fn finish(mut self) -> io::Result<W> {
+        if !self.buf.is_empty() {
+            self.inner.write_all(&self.buf)?;
+        }
+        self.inner.flush()?;
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for Chunker<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let take = data.len().min(self.size - self.buf.len());
+        self.buf.extend_from_slice(&data[..take]);
+        if self.buf.len() == self.size {
+            self.inner.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(take)
+    }
+
+    // Flushing must not emit a short chunk (that would change the split); bytes stay buffered
+    // until `finish`.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A reader of the uncompressed tar inside a layer blob.
+pub fn decompress<'a>(reader: impl Read + 'a, compression: Compression) -> io::Result<Box<dyn Read + 'a>> {
+    Ok(match compression {
+        Compression::None => Box::new(reader),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(reader)),
+        Compression::Zstd => Box::new(zstd::Decoder::new(reader)?),
+    })
+}
+
+/// Guesses a stream's compression from its first bytes.
+pub fn sniff_compression(head: &[u8]) -> Compression {
+    match head {
+        [0x1f, 0x8b, ..] => Compression::Gzip,
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Compression::Zstd,
+        _ => Compression::None,
+    }
+}
+
+/// Normalises a path inside an archive: drops `.` and leading `/`; `None` if it climbs out.
+pub fn normalize_archive_path(path: &Path) -> Option<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_str()?.to_string()),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            Component::Prefix(_) => return None,
+        }
+    }
+    Some(parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(root: &Path, mtime_offset: i64) {
+        fs::create_dir_all(root.join("home/cnb/.config")).unwrap();
+        fs::create_dir_all(root.join("bin")).unwrap();
+        fs::write(root.join("bin/tool"), vec![7u8; 300_000]).unwrap();
+        fs::write(root.join("home/cnb/.config/x"), b"x").unwrap();
+        std::os::unix::fs::symlink("tool", root.join("bin/alias")).unwrap();
+        let t = filetime_now(mtime_offset);
+        for p in ["bin/tool", "home/cnb/.config/x"] {
+            let f = fs::File::options().write(true).open(root.join(p)).unwrap();
+            f.set_modified(t).unwrap();
+        }
+    }
+
+    fn filetime_now(offset: i64) -> std::time::SystemTime {
+        std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs((1_700_000_000 + offset) as u64)
+    }
+
+    #[test]
+    fn same_tree_same_digests_whatever_the_mtimes() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        tree(a.path(), 0);
+        tree(b.path(), 99_999);
+        let mut owners = Ownership::default();
+        owners.add("/home/cnb", 1000, 1000);
+        let (la, bytes) = write_dir_layer(a.path(), &owners, Vec::new()).unwrap();
+        let (lb, _) = write_dir_layer(b.path(), &owners, Vec::new()).unwrap();
+        assert_eq!((la.digest.clone(), la.diff_id.clone()), (lb.digest, lb.diff_id));
+        assert_eq!(la.size, bytes.len() as u64);
+
+        let mut archive = tar::Archive::new(decompress(&bytes[..], Compression::Gzip).unwrap());
+        let mut seen = Vec::new();
+        for e in archive.entries().unwrap() {
+            let e = e.unwrap();
+            let h = e.header();
+            seen.push((e.path().unwrap().display().to_string(), h.uid().unwrap(), h.mtime().unwrap()));
+        }
+        let names: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(names, ["bin/", "bin/alias", "bin/tool", "home/", "home/cnb/", "home/cnb/.config/", "home/cnb/.config/x"]);
+        assert!(seen.iter().all(|s| s.2 == NORMALIZED_MTIME));
+        assert_eq!(seen[3].1, 0);
+        assert_eq!(seen[4].1, 1000);
+        assert_eq!(seen[6].1, 1000);
+    }
+
+    #[test]
+    fn ownership_rules_match_whole_components() {
+        let mut owners = Ownership::default();
+        owners.add("/home/cnb", 1000, 1000);
+        owners.add("/home/cnb-run", 1001, 1000);
+        assert_eq!(owners.owner_of(Path::new("/home/cnb-run/x")), (1001, 1000));
+        assert_eq!(owners.owner_of(Path::new("/home/cnb/x")), (1000, 1000));
+        assert_eq!(owners.owner_of(Path::new("/home")), (0, 0));
+    }
+
+    #[test]
+    fn archive_paths_never_climb_out() {
+        assert_eq!(normalize_archive_path(Path::new("./a/b/../c")).as_deref(), Some("a/c"));
+        assert_eq!(normalize_archive_path(Path::new("/a")).as_deref(), Some("a"));
+        assert_eq!(normalize_archive_path(Path::new("../etc/passwd")), None);
+    }
+}

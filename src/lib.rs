@@ -1,0 +1,15 @@
+//! lathe: a daemonless, rootless Cloud Native Buildpacks builder that reads and writes OCI
+//! images on every transport (registry, OCI layout, oci-archive, docker-archive).
+//!
+//! Data flows one way: source → sandbox → layers → image → index → destination. This crate
+//! is the library; `src/main.rs` is a thin command line over [`cli`].
+
+pub mod archive;
+pub mod cli;
+pub mod content;
+pub mod image;
+pub mod inspect;
+pub mod layer;
+pub mod layout;
+pub mod platform;
+pub mod reference;
