@@ -30,7 +30,7 @@ pub struct ImageReport {
     pub media_type: String,
     pub config: ConfigReport,
     pub layers: Vec<LayerReport>,
-    /// Labels whose names start with `io.buildpacks.`, JSON values parsed.
+    /// Labels whose names start with `io.buildpacks.`, with JSON object and array values parsed.
     pub cnb_labels: BTreeMap<String, Value>,
 }
 
@@ -114,7 +114,11 @@ fn inspect_manifest(source: &dyn ImageSource, desc: &Descriptor, platform: Optio
     let cnb_labels = labels
         .iter()
         .filter(|(k, _)| k.starts_with("io.buildpacks."))
-        .map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.clone()))))
+        .map(|(k, v)| {
+            let structured = v.starts_with('{') || v.starts_with('[');
+            let parsed = structured.then(|| serde_json::from_str(v).ok()).flatten();
+            (k.clone(), parsed.unwrap_or_else(|| Value::String(v.clone())))
+        })
         .collect();
     let diff_ids = list(&config["rootfs"]["diff_ids"]).unwrap_or_default();
     let layers = manifest

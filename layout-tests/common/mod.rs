@@ -1,0 +1,124 @@
+//! Shared helpers for the layout tests: the lathe binary, the fixture base images (made once
+//! per test process by testdata/make-base-images.sh), outside tools, and tree snapshots.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub fn lathe_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_lathe"))
+}
+
+pub fn mkimage_bin() -> PathBuf {
+    lathe_bin().parent().unwrap().join("examples/mkimage")
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A scratch directory on tmpfs where there is one (ext4 on the CI machines is erratic).
+pub fn scratch() -> tempfile::TempDir {
+    let base = if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
+    tempfile::Builder::new().prefix("lathe-test-").tempdir_in(base).unwrap()
+}
+
+/// Runs lathe with `args`; returns the output whatever the exit status.
+pub fn lathe(args: &[&str]) -> Output {
+    lathe_in(Path::new("."), args)
+}
+
+pub fn lathe_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(lathe_bin()).args(args).current_dir(dir).output().expect("run lathe")
+}
+
+/// Runs lathe and fails the test unless it succeeds; returns stdout.
+pub fn lathe_ok(args: &[&str]) -> String {
+    let out = lathe(args);
+    assert!(out.status.success(), "lathe {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs an outside tool and fails the test unless it succeeds; returns stdout.
+pub fn tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is needed by this test ({e}); .ci/run installs it"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The fixture base images (refs `build` and `run`, each an amd64+arm64 index), made once per
+/// test process. Tests copy from here and never write into it.
+pub fn fixtures() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| {
+        let tmp = scratch();
+        let images = tmp.path().join("images");
+        make_base_images(&images);
+        (tmp, images)
+    })
+    .1
+}
+
+pub fn make_base_images(dest: &Path) {
+    let out = Command::new("bash")
+        .arg(repo_root().join("testdata/make-base-images.sh"))
+        .arg(dest)
+        .env("MKIMAGE", mkimage_bin())
+        .output()
+        .expect("run make-base-images.sh");
+    assert!(out.status.success(), "make-base-images.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A copy of the fixture layout, for tests that write into it.
+pub fn fixture_copy(dest: &Path) {
+    let out = Command::new("cp").arg("-a").arg(fixtures()).arg(dest).output().unwrap();
+    assert!(out.status.success());
+}
+
+/// Every file under `dir` with its contents' sha256 (symlinks by target), for "unchanged"
+/// checks. A missing directory gives an empty map.
+pub fn snapshot(dir: &Path) -> BTreeMap<String, String> {
+    let mut map = BTreeMap::new();
+    if !dir.exists() {
+        return map;
+    }
+    for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let entry = entry.unwrap();
+        let rel = entry.path().strip_prefix(dir).unwrap().display().to_string();
+        let ft = entry.file_type();
+        let value = if ft.is_symlink() {
+            format!("link:{}", std::fs::read_link(entry.path()).unwrap().display())
+        } else if ft.is_file() {
+            sha256_hex(&std::fs::read(entry.path()).unwrap())
+        } else {
+            "dir".into()
+        };
+        map.insert(rel, value);
+    }
+    map
+}
+
+/// The JSON `skopeo inspect --raw` prints, parsed.
+pub fn skopeo_raw(reference: &str) -> (String, serde_json::Value) {
+    let raw = tool("skopeo", &["inspect", "--raw", reference]);
+    (format!("sha256:{}", sha256_hex(raw.as_bytes())), serde_json::from_str(&raw).unwrap())
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
