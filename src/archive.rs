@@ -19,9 +19,9 @@ use serde_json::{Value, json};
 
 use crate::content::{self, Compression, HashingWriter, VerifyingReader};
 use crate::image::{ImageError, ImageSink, ImageSource};
-use crate::platform::Platform;
 use crate::layer::{self, NORMALIZED_MTIME};
 use crate::layout;
+use crate::platform::Platform;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{transport}:{}: {why}", file.display())]
@@ -47,28 +47,42 @@ enum Member {
 
 impl TarIndex {
     pub fn open(path: &Path, transport: &'static str) -> Result<TarIndex, ArchiveError> {
-        let err = |why: String| ArchiveError { transport, file: path.to_path_buf(), why };
+        let err = |why: String| ArchiveError {
+            transport,
+            file: path.to_path_buf(),
+            why,
+        };
         let mut file = File::open(path).map_err(|e| err(e.to_string()))?;
         let mut head = [0u8; 4];
         let n = file.read(&mut head).map_err(|e| err(e.to_string()))?;
         if layer::sniff_compression(&head[..n]) != Compression::None {
-            return Err(err("the archive is compressed; lathe reads uncompressed tar archives".into()));
+            return Err(err(
+                "the archive is compressed; lathe reads uncompressed tar archives".into(),
+            ));
         }
-        file.seek(SeekFrom::Start(0)).map_err(|e| err(e.to_string()))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| err(e.to_string()))?;
         let mut members = BTreeMap::new();
         {
             let mut archive = tar::Archive::new(&file);
-            let entries = archive.entries_with_seek().map_err(|e| err(format!("not a tar archive: {e}")))?;
+            let entries = archive
+                .entries_with_seek()
+                .map_err(|e| err(format!("not a tar archive: {e}")))?;
             for entry in entries {
                 let entry = entry.map_err(|e| err(format!("not a valid tar archive: {e}")))?;
                 let raw_path = entry.path().map_err(|e| err(e.to_string()))?.into_owned();
-                let Some(name) = layer::normalize_archive_path(&raw_path) else { continue };
+                let Some(name) = layer::normalize_archive_path(&raw_path) else {
+                    continue;
+                };
                 let member = match entry.header().entry_type() {
-                    tar::EntryType::Regular | tar::EntryType::Continuous => {
-                        Member::File { offset: entry.raw_file_position(), size: entry.size() }
-                    }
+                    tar::EntryType::Regular | tar::EntryType::Continuous => Member::File {
+                        offset: entry.raw_file_position(),
+                        size: entry.size(),
+                    },
                     tar::EntryType::Symlink | tar::EntryType::Link => {
-                        let Some(target) = entry.link_name().ok().flatten() else { continue };
+                        let Some(target) = entry.link_name().ok().flatten() else {
+                            continue;
+                        };
                         let base = if entry.header().entry_type() == tar::EntryType::Symlink {
                             raw_path.parent().unwrap_or(Path::new("")).join(target)
                         } else {
@@ -86,17 +100,26 @@ impl TarIndex {
         }
         let file_len = file.metadata().map_err(|e| err(e.to_string()))?.len();
         for (name, m) in &members {
-            if let Member::File { offset, size } = m {
-                if offset + size > file_len {
-                    return Err(err(format!("member {name} is truncated")));
-                }
+            if let Member::File { offset, size } = m
+                && offset + size > file_len
+            {
+                return Err(err(format!("member {name} is truncated")));
             }
         }
-        Ok(TarIndex { file: Arc::new(file), path: path.to_path_buf(), transport, members })
+        Ok(TarIndex {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            transport,
+            members,
+        })
     }
 
     pub fn error(&self, why: impl Into<String>) -> ArchiveError {
-        ArchiveError { transport: self.transport, file: self.path.clone(), why: why.into() }
+        ArchiveError {
+            transport: self.transport,
+            file: self.path.clone(),
+            why: why.into(),
+        }
     }
 
     /// Offset and size of a member, following links inside the archive.
@@ -119,16 +142,26 @@ impl TarIndex {
         let (offset, size) = self
             .locate(name)
             .ok_or_else(|| self.error(format!("{name:?} is not in the archive")))?;
-        Ok(RangeReader { file: self.file.clone(), pos: offset, end: offset + size })
+        Ok(RangeReader {
+            file: self.file.clone(),
+            pos: offset,
+            end: offset + size,
+        })
     }
 
     pub fn read_member(&self, name: &str, limit: u64) -> Result<Vec<u8>, ArchiveError> {
-        let size = self.size_of(name).ok_or_else(|| self.error(format!("{name:?} is not in the archive")))?;
+        let size = self
+            .size_of(name)
+            .ok_or_else(|| self.error(format!("{name:?} is not in the archive")))?;
         if size > limit {
-            return Err(self.error(format!("{name} is {size} bytes, more than lathe reads into memory")));
+            return Err(self.error(format!(
+                "{name} is {size} bytes, more than lathe reads into memory"
+            )));
         }
         let mut out = Vec::with_capacity(size as usize);
-        self.open_member(name)?.read_to_end(&mut out).map_err(|e| self.error(format!("{name}: {e}")))?;
+        self.open_member(name)?
+            .read_to_end(&mut out)
+            .map_err(|e| self.error(format!("{name}: {e}")))?;
         Ok(out)
     }
 }
@@ -148,7 +181,10 @@ impl Read for RangeReader {
         }
         let n = self.file.read_at(&mut buf[..want], self.pos)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "archive ended inside a member"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "archive ended inside a member",
+            ));
         }
         self.pos += n as u64;
         Ok(n)
@@ -166,11 +202,18 @@ pub struct OciArchiveSource {
 impl OciArchiveSource {
     pub fn open(file: &Path, name: Option<&str>) -> Result<OciArchiveSource, ImageError> {
         let tar = TarIndex::open(file, "oci-archive")?;
-        let layout_file = tar.read_member("oci-layout", 1 << 16)
+        let layout_file = tar
+            .read_member("oci-layout", 1 << 16)
             .map_err(|_| tar.error("it has no oci-layout file, so it is not an OCI archive"))?;
-        let version: Value = serde_json::from_slice(&layout_file).map_err(|e| tar.error(format!("oci-layout: {e}")))?;
-        if !version["imageLayoutVersion"].as_str().is_some_and(|v| v.starts_with("1.")) {
-            return Err(tar.error("oci-layout: unsupported imageLayoutVersion").into());
+        let version: Value = serde_json::from_slice(&layout_file)
+            .map_err(|e| tar.error(format!("oci-layout: {e}")))?;
+        if !version["imageLayoutVersion"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("1."))
+        {
+            return Err(tar
+                .error("oci-layout: unsupported imageLayoutVersion")
+                .into());
         }
         let index_bytes = tar.read_member("index.json", content::MAX_JSON_BLOB)?;
         let index: ImageIndex = serde_json::from_slice(&index_bytes)
@@ -179,8 +222,16 @@ impl OciArchiveSource {
             content::check_descriptor(d).map_err(|why| tar.error(format!("index.json: {why}")))?;
         }
         let root = layout::resolve_ref(index.manifests(), name).map_err(|why| tar.error(why))?;
-        let describe = crate::reference::ImageRef::OciArchive { file: file.to_path_buf(), name: name.map(str::to_string) }.to_string();
-        Ok(OciArchiveSource { tar, root, describe })
+        let describe = crate::reference::ImageRef::OciArchive {
+            file: file.to_path_buf(),
+            name: name.map(str::to_string),
+        }
+        .to_string();
+        Ok(OciArchiveSource {
+            tar,
+            root,
+            describe,
+        })
     }
 }
 
@@ -196,11 +247,25 @@ impl ImageSource for OciArchiveSource {
     fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send + '_>, ImageError> {
         content::check_descriptor(desc).map_err(|why| self.tar.error(why))?;
         let name = format!("blobs/sha256/{}", desc.digest().digest());
-        let size = self.tar.size_of(&name).ok_or_else(|| self.tar.error(format!("blob {} is missing", desc.digest())))?;
+        let size = self
+            .tar
+            .size_of(&name)
+            .ok_or_else(|| self.tar.error(format!("blob {} is missing", desc.digest())))?;
         if size != desc.size() {
-            return Err(self.tar.error(format!("blob {} is {size} bytes but its descriptor says {}", desc.digest(), desc.size())).into());
+            return Err(self
+                .tar
+                .error(format!(
+                    "blob {} is {size} bytes but its descriptor says {}",
+                    desc.digest(),
+                    desc.size()
+                ))
+                .into());
         }
-        Ok(Box::new(VerifyingReader::new(self.tar.open_member(&name)?, desc, self.describe.clone())))
+        Ok(Box::new(VerifyingReader::new(
+            self.tar.open_member(&name)?,
+            desc,
+            self.describe.clone(),
+        )))
     }
 }
 
@@ -242,18 +307,37 @@ impl ImageSink for OciArchiveSink {
         }
         let mut h = header(tar::EntryType::Regular, desc.size(), 0o644);
         let name = format!("blobs/sha256/{}", desc.digest().digest());
-        self.tar.append_data(&mut h, name, reader).map_err(|e| ImageError::Io {
-            what: format!("copying blob {} into oci-archive:{}", desc.digest(), self.dest.display()),
-            source: e,
-        })
+        self.tar
+            .append_data(&mut h, name, reader)
+            .map_err(|e| ImageError::Io {
+                what: format!(
+                    "copying blob {} into oci-archive:{}",
+                    desc.digest(),
+                    self.dest.display()
+                ),
+                source: e,
+            })
     }
 
-    fn commit(mut self: Box<Self>, root: &Descriptor, children: &[(Platform, Descriptor)]) -> Result<(), ImageError> {
+    fn commit(
+        mut self: Box<Self>,
+        root: &Descriptor,
+        children: &[(Platform, Descriptor)],
+    ) -> Result<(), ImageError> {
         let refs = layout::refs_for(&self.name, root, children);
-        let manifests: Vec<Descriptor> = refs.iter().map(|(n, d)| layout::with_ref_name(d, n)).collect();
+        let manifests: Vec<Descriptor> = refs
+            .iter()
+            .map(|(n, d)| layout::with_ref_name(d, n))
+            .collect();
         let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
-        let wrap = |e: io::Error| ImageError::from(archive_err("oci-archive", &self.dest, e.to_string()));
-        append_bytes(&mut self.tar, "index.json", &content::canonical_json(&index)).map_err(wrap)?;
+        let wrap =
+            |e: io::Error| ImageError::from(archive_err("oci-archive", &self.dest, e.to_string()));
+        append_bytes(
+            &mut self.tar,
+            "index.json",
+            &content::canonical_json(&index),
+        )
+        .map_err(wrap)?;
         let buffered = self.tar.into_inner().map_err(wrap)?;
         persist(buffered, &self.dest, "oci-archive")
     }
@@ -292,7 +376,11 @@ impl DockerArchiveSource {
 
         let config_member = member_name(&tar, &entry.config)?;
         let config = tar.read_member(&config_member, content::MAX_JSON_BLOB)?;
-        let config_desc = Descriptor::new(MediaType::ImageConfig, config.len() as u64, content::sha256_digest(&config));
+        let config_desc = Descriptor::new(
+            MediaType::ImageConfig,
+            config.len() as u64,
+            content::sha256_digest(&config),
+        );
         let config_value: Value = serde_json::from_slice(&config)
             .map_err(|e| tar.error(format!("{} is not a valid image config: {e}", entry.config)))?;
         let diff_ids: Vec<&str> = config_value
@@ -301,12 +389,13 @@ impl DockerArchiveSource {
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         if diff_ids.len() != entry.layers.len() {
-            return Err(tar.error(format!(
-                "manifest.json lists {} layers but the config has {} diff_ids",
-                entry.layers.len(),
-                diff_ids.len()
-            ))
-            .into());
+            return Err(tar
+                .error(format!(
+                    "manifest.json lists {} layers but the config has {} diff_ids",
+                    entry.layers.len(),
+                    diff_ids.len()
+                ))
+                .into());
         }
         let mut layers = Vec::new();
         let mut layer_members = BTreeMap::new();
@@ -314,19 +403,26 @@ impl DockerArchiveSource {
             let member = member_name(&tar, path)?;
             let size = tar.size_of(&member).unwrap_or(0);
             let mut head = [0u8; 4];
-            let n = read_up_to(&mut tar.open_member(&member)?, &mut head).map_err(|e| tar.error(format!("{path}: {e}")))?;
+            let n = read_up_to(&mut tar.open_member(&member)?, &mut head)
+                .map_err(|e| tar.error(format!("{path}: {e}")))?;
             let compression = layer::sniff_compression(&head[..n]);
             let (digest, media_type) = match compression {
                 Compression::None => {
-                    let digest = content::parse_sha256(diff_id).map_err(|why| tar.error(format!("config: {why}")))?;
+                    let digest = content::parse_sha256(diff_id)
+                        .map_err(|why| tar.error(format!("config: {why}")))?;
                     (digest, MediaType::ImageLayer)
                 }
                 other => {
                     // Newer `docker save` may store compressed layers; their digest is of the
                     // compressed bytes, which only hashing tells.
                     let mut hasher = HashingWriter::new(io::sink());
-                    io::copy(&mut tar.open_member(&member)?, &mut hasher).map_err(|e| tar.error(format!("{path}: {e}")))?;
-                    let media = if other == Compression::Gzip { MediaType::ImageLayerGzip } else { MediaType::ImageLayerZstd };
+                    io::copy(&mut tar.open_member(&member)?, &mut hasher)
+                        .map_err(|e| tar.error(format!("{path}: {e}")))?;
+                    let media = if other == Compression::Gzip {
+                        MediaType::ImageLayerGzip
+                    } else {
+                        MediaType::ImageLayerZstd
+                    };
                     (hasher.finish().0, media)
                 }
             };
@@ -340,9 +436,17 @@ impl DockerArchiveSource {
             "layers": layers,
         });
         let manifest = content::canonical_json(&manifest);
-        let manifest_desc = Descriptor::new(MediaType::ImageManifest, manifest.len() as u64, content::sha256_digest(&manifest));
+        let manifest_desc = Descriptor::new(
+            MediaType::ImageManifest,
+            manifest.len() as u64,
+            content::sha256_digest(&manifest),
+        );
         Ok(DockerArchiveSource {
-            describe: crate::reference::ImageRef::DockerArchive { file: file.to_path_buf(), name: name.map(str::to_string) }.to_string(),
+            describe: crate::reference::ImageRef::DockerArchive {
+                file: file.to_path_buf(),
+                name: name.map(str::to_string),
+            }
+            .to_string(),
             tar,
             manifest,
             manifest_desc,
@@ -368,33 +472,57 @@ fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 fn member_name(tar: &TarIndex, path: &str) -> Result<String, ArchiveError> {
     let normalized = layer::normalize_archive_path(Path::new(path))
         .filter(|p| !path.starts_with('/') && !p.is_empty())
-        .ok_or_else(|| tar.error(format!("manifest.json names {path:?}, which is outside the archive")))?;
+        .ok_or_else(|| {
+            tar.error(format!(
+                "manifest.json names {path:?}, which is outside the archive"
+            ))
+        })?;
     if tar.size_of(&normalized).is_none() {
-        return Err(tar.error(format!("manifest.json names {path:?}, which is not in the archive")));
+        return Err(tar.error(format!(
+            "manifest.json names {path:?}, which is not in the archive"
+        )));
     }
     Ok(normalized)
 }
 
-fn pick_docker_entry<'a>(entries: &'a [DockerArchiveEntry], name: Option<&str>) -> Result<&'a DockerArchiveEntry, String> {
+fn pick_docker_entry<'a>(
+    entries: &'a [DockerArchiveEntry],
+    name: Option<&str>,
+) -> Result<&'a DockerArchiveEntry, String> {
     let tags = || {
-        entries.iter().flat_map(|e| e.repo_tags.clone().unwrap_or_default()).collect::<Vec<_>>().join(", ")
+        entries
+            .iter()
+            .flat_map(|e| e.repo_tags.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     match name {
         None => match entries {
             [only] => Ok(only),
             [] => Err("manifest.json lists no image".into()),
-            _ => Err(format!("it holds {} images; name one (@0, @1, … or a tag: {})", entries.len(), tags())),
+            _ => Err(format!(
+                "it holds {} images; name one (@0, @1, … or a tag: {})",
+                entries.len(),
+                tags()
+            )),
         },
         Some(n) if n.starts_with('@') => {
-            let i: usize = n[1..].parse().map_err(|_| format!("{n:?} is not an image number"))?;
-            entries.get(i).ok_or_else(|| format!("it has no image {n} (it holds {})", entries.len()))
+            let i: usize = n[1..]
+                .parse()
+                .map_err(|_| format!("{n:?} is not an image number"))?;
+            entries
+                .get(i)
+                .ok_or_else(|| format!("it has no image {n} (it holds {})", entries.len()))
         }
         Some(n) => {
             let want = crate::reference::RegistryRef::parse(n)?;
             entries
                 .iter()
                 .find(|e| {
-                    e.repo_tags.iter().flatten().any(|t| crate::reference::RegistryRef::parse(t).is_ok_and(|r| r == want))
+                    e.repo_tags
+                        .iter()
+                        .flatten()
+                        .any(|t| crate::reference::RegistryRef::parse(t).is_ok_and(|r| r == want))
                 })
                 .ok_or_else(|| format!("no image tagged {n:?} (tags: {})", tags()))
         }
@@ -413,16 +541,27 @@ impl ImageSource for DockerArchiveSource {
     fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send + '_>, ImageError> {
         let describe = self.describe.clone();
         if desc.digest() == self.manifest_desc.digest() {
-            return Ok(Box::new(VerifyingReader::new(io::Cursor::new(self.manifest.clone()), desc, describe)));
+            return Ok(Box::new(VerifyingReader::new(
+                io::Cursor::new(self.manifest.clone()),
+                desc,
+                describe,
+            )));
         }
         let member = if desc.digest() == self.config_desc.digest() {
             &self.config_member
         } else {
             self.layer_members
                 .get(&desc.digest().to_string())
-                .ok_or_else(|| self.tar.error(format!("blob {} is not in the archive", desc.digest())))?
+                .ok_or_else(|| {
+                    self.tar
+                        .error(format!("blob {} is not in the archive", desc.digest()))
+                })?
         };
-        Ok(Box::new(VerifyingReader::new(self.tar.open_member(member)?, desc, describe)))
+        Ok(Box::new(VerifyingReader::new(
+            self.tar.open_member(member)?,
+            desc,
+            describe,
+        )))
     }
 }
 
@@ -442,11 +581,22 @@ impl DockerArchiveSink {
         let tmp = temp_beside(dest, "docker-archive")?;
         let repo_tag = match name {
             Some(n) if n.starts_with('@') => {
-                return Err(archive_err("docker-archive", dest, format!("{n:?} cannot name an image being written; give a tag")).into());
+                return Err(archive_err(
+                    "docker-archive",
+                    dest,
+                    format!("{n:?} cannot name an image being written; give a tag"),
+                )
+                .into());
             }
             Some(n) => {
-                let r = crate::reference::RegistryRef::parse(n).map_err(|why| archive_err("docker-archive", dest, why))?;
-                Some(format!("{}/{}:{}", r.registry, r.repository, r.tag.unwrap_or_else(|| "latest".into())))
+                let r = crate::reference::RegistryRef::parse(n)
+                    .map_err(|why| archive_err("docker-archive", dest, why))?;
+                Some(format!(
+                    "{}/{}:{}",
+                    r.registry,
+                    r.repository,
+                    r.tag.unwrap_or_else(|| "latest".into())
+                ))
             }
             None => None,
         };
@@ -475,52 +625,87 @@ impl ImageSink for DockerArchiveSink {
             return Ok(());
         }
         let hex = desc.digest().digest().to_string();
-        match (content::kind_of(desc.media_type()), content::layer_compression(desc.media_type())) {
+        match (
+            content::kind_of(desc.media_type()),
+            content::layer_compression(desc.media_type()),
+        ) {
             (content::Kind::Index | content::Kind::Manifest, _) => {
                 let mut bytes = Vec::new();
-                reader.read_to_end(&mut bytes).map_err(|e| self.err(e.to_string()))?;
+                reader
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| self.err(e.to_string()))?;
                 self.manifests.insert(desc.digest().to_string(), bytes);
             }
             (_, Some(compression)) => {
                 // A tar header needs the size up front, so the layer is decompressed into a
                 // temp file first, hashing it for the diffID on the way.
-                let mut tmp = tempfile::tempfile_in(self.dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
-                    .map_err(|e| self.err(e.to_string()))?;
+                let mut tmp = tempfile::tempfile_in(
+                    self.dest
+                        .parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(Path::new(".")),
+                )
+                .map_err(|e| self.err(e.to_string()))?;
                 let mut hashing = HashingWriter::new(BufWriter::new(&mut tmp));
                 let what = format!("layer {}", desc.digest());
-                io::copy(&mut layer::decompress(reader, compression).map_err(|e| self.err(format!("{what}: {e}")))?, &mut hashing)
-                    .map_err(|e| self.err(format!("{what}: {e}")))?;
+                io::copy(
+                    &mut layer::decompress(reader, compression)
+                        .map_err(|e| self.err(format!("{what}: {e}")))?,
+                    &mut hashing,
+                )
+                .map_err(|e| self.err(format!("{what}: {e}")))?;
                 let (diff_id, size, buffered) = hashing.finish();
                 buffered.into_inner().map_err(|e| self.err(e.to_string()))?;
-                tmp.seek(SeekFrom::Start(0)).map_err(|e| self.err(e.to_string()))?;
+                tmp.seek(SeekFrom::Start(0))
+                    .map_err(|e| self.err(e.to_string()))?;
                 let name = format!("{}.tar", diff_id.digest());
                 if !self.diff_ids.values().any(|d| d == &diff_id.to_string()) {
                     let mut h = header(tar::EntryType::Regular, size, 0o644);
-                    self.tar.append_data(&mut h, &name, &mut tmp).map_err(|e| self.err(e.to_string()))?;
+                    self.tar
+                        .append_data(&mut h, &name, &mut tmp)
+                        .map_err(|e| self.err(e.to_string()))?;
                 }
-                self.diff_ids.insert(desc.digest().to_string(), diff_id.to_string());
+                self.diff_ids
+                    .insert(desc.digest().to_string(), diff_id.to_string());
             }
             _ => {
                 let mut h = header(tar::EntryType::Regular, desc.size(), 0o644);
                 let dest = self.dest.clone();
-                self.tar.append_data(&mut h, format!("{hex}.json"), reader).map_err(|e| ImageError::Io {
-                    what: format!("copying blob {} into docker-archive:{}", desc.digest(), dest.display()),
-                    source: e,
-                })?;
+                self.tar
+                    .append_data(&mut h, format!("{hex}.json"), reader)
+                    .map_err(|e| ImageError::Io {
+                        what: format!(
+                            "copying blob {} into docker-archive:{}",
+                            desc.digest(),
+                            dest.display()
+                        ),
+                        source: e,
+                    })?;
             }
         }
         Ok(())
     }
 
-    fn commit(mut self: Box<Self>, root: &Descriptor, _children: &[(Platform, Descriptor)]) -> Result<(), ImageError> {
-        let bytes = self.manifests.get(&root.digest().to_string()).ok_or_else(|| self.err("the image manifest was not written"))?;
+    fn commit(
+        mut self: Box<Self>,
+        root: &Descriptor,
+        _children: &[(Platform, Descriptor)],
+    ) -> Result<(), ImageError> {
+        let bytes = self
+            .manifests
+            .get(&root.digest().to_string())
+            .ok_or_else(|| self.err("the image manifest was not written"))?;
         if content::kind_of(root.media_type()) != content::Kind::Manifest {
             return Err(self.err("a docker-archive holds one platform; choose one with --platform"));
         }
-        let manifest: ImageManifest = serde_json::from_slice(bytes).map_err(|e| self.err(format!("manifest {}: {e}", root.digest())))?;
+        let manifest: ImageManifest = serde_json::from_slice(bytes)
+            .map_err(|e| self.err(format!("manifest {}: {e}", root.digest())))?;
         let mut layers = Vec::new();
         for l in manifest.layers() {
-            let diff_id = self.diff_ids.get(&l.digest().to_string()).ok_or_else(|| self.err(format!("layer {} was not written", l.digest())))?;
+            let diff_id = self
+                .diff_ids
+                .get(&l.digest().to_string())
+                .ok_or_else(|| self.err(format!("layer {} was not written", l.digest())))?;
             layers.push(format!("{}.tar", diff_id.trim_start_matches("sha256:")));
         }
         let entry = vec![DockerArchiveEntry {
@@ -528,8 +713,15 @@ impl ImageSink for DockerArchiveSink {
             repo_tags: Some(self.repo_tag.clone().into_iter().collect()),
             layers,
         }];
-        let wrap = |e: io::Error| ImageError::from(archive_err("docker-archive", &self.dest, e.to_string()));
-        append_bytes(&mut self.tar, "manifest.json", &serde_json::to_vec(&entry).expect("serialises")).map_err(wrap)?;
+        let wrap = |e: io::Error| {
+            ImageError::from(archive_err("docker-archive", &self.dest, e.to_string()))
+        };
+        append_bytes(
+            &mut self.tar,
+            "manifest.json",
+            &serde_json::to_vec(&entry).expect("serialises"),
+        )
+        .map_err(wrap)?;
         let buffered = self.tar.into_inner().map_err(wrap)?;
         persist(buffered, &self.dest, "docker-archive")
     }
@@ -538,7 +730,11 @@ impl ImageSink for DockerArchiveSink {
 // ------------------------------------------------------------------- helpers
 
 fn archive_err(transport: &'static str, file: &Path, why: String) -> ArchiveError {
-    ArchiveError { transport, file: file.to_path_buf(), why }
+    ArchiveError {
+        transport,
+        file: file.to_path_buf(),
+        why,
+    }
 }
 
 fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
@@ -557,23 +753,49 @@ fn append_bytes<W: Write>(tar: &mut tar::Builder<W>, name: &str, bytes: &[u8]) -
     tar.append_data(&mut h, name, bytes)
 }
 
-fn temp_beside(dest: &Path, transport: &'static str) -> Result<tempfile::NamedTempFile, ArchiveError> {
-    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+fn temp_beside(
+    dest: &Path,
+    transport: &'static str,
+) -> Result<tempfile::NamedTempFile, ArchiveError> {
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if dest.is_dir() {
         return Err(archive_err(transport, dest, "is a directory".into()));
     }
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     tempfile::Builder::new()
         .prefix(&format!(".{name}.lathe-"))
         .tempfile_in(dir)
-        .map_err(|e| archive_err(transport, dest, format!("cannot create a file in {}: {e}", dir.display())))
+        .map_err(|e| {
+            archive_err(
+                transport,
+                dest,
+                format!("cannot create a file in {}: {e}", dir.display()),
+            )
+        })
 }
 
-fn persist(buffered: BufWriter<tempfile::NamedTempFile>, dest: &Path, transport: &'static str) -> Result<(), ImageError> {
+fn persist(
+    buffered: BufWriter<tempfile::NamedTempFile>,
+    dest: &Path,
+    transport: &'static str,
+) -> Result<(), ImageError> {
     let err = |e: String| ImageError::from(archive_err(transport, dest, e));
-    let tmp = buffered.into_inner().map_err(|e| err(e.error().to_string()))?;
+    let tmp = buffered
+        .into_inner()
+        .map_err(|e| err(e.error().to_string()))?;
     tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
     tmp.persist(dest).map_err(|e| err(e.error.to_string()))?;
-    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| err(e.to_string()))
+    let dir = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| err(e.to_string()))
 }

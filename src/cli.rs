@@ -111,11 +111,13 @@ pub struct CompletionsArgs {
 }
 
 fn parse_ref(text: &str) -> Result<ImageRef, String> {
-    text.parse().map_err(|e: crate::reference::ReferenceError| e.why)
+    text.parse()
+        .map_err(|e: crate::reference::ReferenceError| e.why)
 }
 
 fn parse_platform(text: &str) -> Result<Platform, String> {
-    text.parse().map_err(|e: crate::platform::PlatformError| e.to_string())
+    text.parse()
+        .map_err(|e: crate::platform::PlatformError| e.to_string())
 }
 
 pub fn command() -> clap::Command {
@@ -132,7 +134,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             } else if !cli.global.quiet {
                 eprintln!(
                     "Copied {} to {}: {} ({} blobs, {} bytes written)",
-                    args.source, args.destination, report.digest, report.blobs_copied, report.bytes_copied
+                    args.source,
+                    args.destination,
+                    report.digest,
+                    report.blobs_copied,
+                    report.bytes_copied
                 );
             }
         }
@@ -152,11 +158,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Gc(args) => {
             let ImageRef::Layout { dir, name: None } = &args.layout else {
-                anyhow::bail!("{}: gc takes an OCI layout, oci:DIR (with no ref name)", args.layout);
+                anyhow::bail!(
+                    "{}: gc takes an OCI layout, oci:DIR (with no ref name)",
+                    args.layout
+                );
             };
-            let (removed, freed) = Layout::open(dir)?.gc().with_context(|| format!("gc of {}", args.layout))?;
+            let (removed, freed) = Layout::open(dir)?
+                .gc()
+                .with_context(|| format!("gc of {}", args.layout))?;
             if !cli.global.quiet {
-                eprintln!("Removed {removed} unreferenced blobs ({freed} bytes) from {}", args.layout);
+                eprintln!(
+                    "Removed {removed} unreferenced blobs ({freed} bytes) from {}",
+                    args.layout
+                );
             }
         }
         Command::Completions(args) => {

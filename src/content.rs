@@ -75,7 +75,9 @@ pub fn sha256_digest(bytes: &[u8]) -> Digest {
 
 fn digest_from_hasher(hasher: Sha256) -> Digest {
     let hex = hex::encode(hasher.finalize());
-    format!("sha256:{hex}").parse().expect("a sha256 hex string is a valid digest")
+    format!("sha256:{hex}")
+        .parse()
+        .expect("a sha256 hex string is a valid digest")
 }
 
 /// Parses a digest, refusing anything but a well-formed sha256 (the only algorithm lathe
@@ -92,7 +94,7 @@ pub fn parse_sha256(s: &str) -> Result<Digest, String> {
 
 /// Checks that a descriptor (from an untrusted manifest or index) names a sha256 digest.
 pub fn check_descriptor(desc: &Descriptor) -> Result<(), String> {
-    parse_sha256(&desc.digest().to_string()).map(|_| ())
+    parse_sha256(desc.digest().as_ref()).map(|_| ())
 }
 
 /// The hex part of a sha256 digest.
@@ -185,7 +187,11 @@ pub struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        HashingWriter { inner, hasher: Sha256::new(), written: 0 }
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+            written: 0,
+        }
     }
 
     pub fn written(&self) -> u64 {
@@ -242,14 +248,21 @@ mod tests {
     use super::*;
 
     fn desc_of(bytes: &[u8]) -> Descriptor {
-        Descriptor::new(MediaType::ImageConfig, bytes.len() as u64, sha256_digest(bytes))
+        Descriptor::new(
+            MediaType::ImageConfig,
+            bytes.len() as u64,
+            sha256_digest(bytes),
+        )
     }
 
     #[test]
     fn canonical_json_sorts_keys_at_every_depth() {
         let mut map = std::collections::HashMap::new();
         for k in ["zeta", "alpha", "mid"] {
-            map.insert(k.to_string(), serde_json::json!({"b": 1, "a": [ {"y": 0, "x": 1} ]}));
+            map.insert(
+                k.to_string(),
+                serde_json::json!({"b": 1, "a": [ {"y": 0, "x": 1} ]}),
+            );
         }
         let text = String::from_utf8(canonical_json(&map)).unwrap();
         assert_eq!(
@@ -269,11 +282,20 @@ mod tests {
     fn verifying_reader_rejects_wrong_bytes_short_and_long_blobs() {
         let desc = desc_of(b"hello world");
         let err = read_small_blob(&b"hello WORLD"[..], &desc, "t").unwrap_err();
-        assert!(err.to_string().contains("does not match its digest"), "{err}");
+        assert!(
+            err.to_string().contains("does not match its digest"),
+            "{err}"
+        );
         let err = read_small_blob(&b"hello"[..], &desc, "t").unwrap_err();
-        assert!(err.to_string().contains("truncated: 5 of 11 bytes"), "{err}");
+        assert!(
+            err.to_string().contains("truncated: 5 of 11 bytes"),
+            "{err}"
+        );
         let err = read_small_blob(&b"hello world!!"[..], &desc, "t").unwrap_err();
-        assert!(err.to_string().contains("longer than the 11 bytes"), "{err}");
+        assert!(
+            err.to_string().contains("longer than the 11 bytes"),
+            "{err}"
+        );
     }
 
     #[test]

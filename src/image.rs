@@ -11,7 +11,9 @@ use std::io::{self, Read};
 use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest};
 use serde_json::Value;
 
-use crate::archive::{ArchiveError, DockerArchiveSink, DockerArchiveSource, OciArchiveSink, OciArchiveSource};
+use crate::archive::{
+    ArchiveError, DockerArchiveSink, DockerArchiveSource, OciArchiveSink, OciArchiveSource,
+};
 use crate::content::{self, Kind};
 use crate::layout::{self, Layout, LayoutError, Transaction};
 use crate::platform::{Platform, PlatformError};
@@ -28,7 +30,10 @@ pub enum ImageError {
     #[error(transparent)]
     Platform(#[from] PlatformError),
     #[error("{reference}: {what} is not yet supported")]
-    NotYetSupported { reference: String, what: &'static str },
+    NotYetSupported {
+        reference: String,
+        what: &'static str,
+    },
     #[error("{what}: {why}")]
     Invalid { what: String, why: String },
     #[error("{what}: {source}")]
@@ -54,8 +59,10 @@ pub trait ImageSource {
     /// A manifest, index or config, read whole and verified.
     fn read_blob(&self, desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
         let reader = self.open_blob(desc)?;
-        content::read_small_blob(reader, desc, &self.describe())
-            .map_err(|e| ImageError::Invalid { what: self.describe(), why: e.to_string() })
+        content::read_small_blob(reader, desc, &self.describe()).map_err(|e| ImageError::Invalid {
+            what: self.describe(),
+            why: e.to_string(),
+        })
     }
 }
 
@@ -67,31 +74,51 @@ pub trait ImageSink {
     fn put_blob(&mut self, desc: &Descriptor, reader: &mut dyn Read) -> Result<(), ImageError>;
     /// Makes the image visible under the sink's name; `children` are the platform manifests
     /// of an index, which layout-like sinks also name `NAME-os-arch`.
-    fn commit(self: Box<Self>, root: &Descriptor, children: &[(Platform, Descriptor)]) -> Result<(), ImageError>;
+    fn commit(
+        self: Box<Self>,
+        root: &Descriptor,
+        children: &[(Platform, Descriptor)],
+    ) -> Result<(), ImageError>;
 }
 
 pub fn open_source(reference: &ImageRef) -> Result<Box<dyn ImageSource>, ImageError> {
     Ok(match reference {
         ImageRef::Registry(_) => {
-            return Err(ImageError::NotYetSupported { reference: reference.to_string(), what: "reading from a registry (docker://)" });
+            return Err(ImageError::NotYetSupported {
+                reference: reference.to_string(),
+                what: "reading from a registry (docker://)",
+            });
         }
         ImageRef::Layout { dir, name } => Box::new(LayoutSource::open(dir, name.as_deref())?),
-        ImageRef::OciArchive { file, name } => Box::new(OciArchiveSource::open(file, name.as_deref())?),
-        ImageRef::DockerArchive { file, name } => Box::new(DockerArchiveSource::open(file, name.as_deref())?),
+        ImageRef::OciArchive { file, name } => {
+            Box::new(OciArchiveSource::open(file, name.as_deref())?)
+        }
+        ImageRef::DockerArchive { file, name } => {
+            Box::new(DockerArchiveSource::open(file, name.as_deref())?)
+        }
     })
 }
 
 pub fn open_sink(reference: &ImageRef) -> Result<Box<dyn ImageSink>, ImageError> {
     Ok(match reference {
         ImageRef::Registry(_) => {
-            return Err(ImageError::NotYetSupported { reference: reference.to_string(), what: "writing to a registry (docker://)" });
+            return Err(ImageError::NotYetSupported {
+                reference: reference.to_string(),
+                what: "writing to a registry (docker://)",
+            });
         }
         ImageRef::Layout { dir, name } => Box::new(LayoutSink {
             tx: Transaction::begin(dir)?,
-            name: name.clone().unwrap_or_else(|| crate::reference::DEFAULT_TAG.to_string()),
+            name: name
+                .clone()
+                .unwrap_or_else(|| crate::reference::DEFAULT_TAG.to_string()),
         }),
-        ImageRef::OciArchive { file, name } => Box::new(OciArchiveSink::create(file, name.as_deref())?),
-        ImageRef::DockerArchive { file, name } => Box::new(DockerArchiveSink::create(file, name.as_deref())?),
+        ImageRef::OciArchive { file, name } => {
+            Box::new(OciArchiveSink::create(file, name.as_deref())?)
+        }
+        ImageRef::DockerArchive { file, name } => {
+            Box::new(DockerArchiveSink::create(file, name.as_deref())?)
+        }
     })
 }
 
@@ -105,8 +132,16 @@ impl LayoutSource {
     pub fn open(dir: &std::path::Path, name: Option<&str>) -> Result<LayoutSource, ImageError> {
         let layout = Layout::open(dir)?;
         let root = layout.resolve(name)?;
-        let describe = ImageRef::Layout { dir: dir.to_path_buf(), name: name.map(str::to_string) }.to_string();
-        Ok(LayoutSource { layout, root, describe })
+        let describe = ImageRef::Layout {
+            dir: dir.to_path_buf(),
+            name: name.map(str::to_string),
+        }
+        .to_string();
+        Ok(LayoutSource {
+            layout,
+            root,
+            describe,
+        })
     }
 }
 
@@ -135,8 +170,14 @@ impl ImageSink for LayoutSink {
         let source = format!("copying to oci:{}", self.tx.target().display());
         Ok(self.tx.write_blob(desc, reader, &source)?)
     }
-    fn commit(self: Box<Self>, root: &Descriptor, children: &[(Platform, Descriptor)]) -> Result<(), ImageError> {
-        Ok(self.tx.commit(&layout::refs_for(&self.name, root, children))?)
+    fn commit(
+        self: Box<Self>,
+        root: &Descriptor,
+        children: &[(Platform, Descriptor)],
+    ) -> Result<(), ImageError> {
+        Ok(self
+            .tx
+            .commit(&layout::refs_for(&self.name, root, children))?)
     }
 }
 
@@ -153,20 +194,39 @@ pub fn platform_children(index: &ImageIndex) -> Vec<(Platform, Descriptor)> {
         .collect()
 }
 
-pub fn parse_index(bytes: &[u8], desc: &Descriptor, source: &str) -> Result<ImageIndex, ImageError> {
-    let index: ImageIndex = serde_json::from_slice(bytes)
-        .map_err(|e| ImageError::Invalid { what: source.to_string(), why: format!("index {} is not valid: {e}", desc.digest()) })?;
+pub fn parse_index(
+    bytes: &[u8],
+    desc: &Descriptor,
+    source: &str,
+) -> Result<ImageIndex, ImageError> {
+    let index: ImageIndex = serde_json::from_slice(bytes).map_err(|e| ImageError::Invalid {
+        what: source.to_string(),
+        why: format!("index {} is not valid: {e}", desc.digest()),
+    })?;
     for d in index.manifests() {
-        content::check_descriptor(d).map_err(|why| ImageError::Invalid { what: source.into(), why: format!("index {}: {why}", desc.digest()) })?;
+        content::check_descriptor(d).map_err(|why| ImageError::Invalid {
+            what: source.into(),
+            why: format!("index {}: {why}", desc.digest()),
+        })?;
     }
     Ok(index)
 }
 
-pub fn parse_manifest(bytes: &[u8], desc: &Descriptor, source: &str) -> Result<ImageManifest, ImageError> {
-    let manifest: ImageManifest = serde_json::from_slice(bytes)
-        .map_err(|e| ImageError::Invalid { what: source.to_string(), why: format!("manifest {} is not valid: {e}", desc.digest()) })?;
+pub fn parse_manifest(
+    bytes: &[u8],
+    desc: &Descriptor,
+    source: &str,
+) -> Result<ImageManifest, ImageError> {
+    let manifest: ImageManifest =
+        serde_json::from_slice(bytes).map_err(|e| ImageError::Invalid {
+            what: source.to_string(),
+            why: format!("manifest {} is not valid: {e}", desc.digest()),
+        })?;
     for d in std::iter::once(manifest.config()).chain(manifest.layers()) {
-        content::check_descriptor(d).map_err(|why| ImageError::Invalid { what: source.into(), why: format!("manifest {}: {why}", desc.digest()) })?;
+        content::check_descriptor(d).map_err(|why| ImageError::Invalid {
+            what: source.into(),
+            why: format!("manifest {}: {why}", desc.digest()),
+        })?;
     }
     Ok(manifest)
 }
@@ -174,7 +234,11 @@ pub fn parse_manifest(bytes: &[u8], desc: &Descriptor, source: &str) -> Result<I
 /// The platform an image's config declares.
 pub fn config_platform(config: &[u8]) -> Option<Platform> {
     let c: ImageConfiguration = serde_json::from_slice(config).ok()?;
-    Some(Platform::new(&c.os().to_string(), &c.architecture().to_string(), c.variant().as_deref()))
+    Some(Platform::new(
+        &c.os().to_string(),
+        &c.architecture().to_string(),
+        c.variant().as_deref(),
+    ))
 }
 
 /// What to take from a source.
@@ -207,48 +271,94 @@ pub struct Resolved {
     pub note: Option<String>,
 }
 
-pub fn resolve_selection(source: &dyn ImageSource, selection: &Selection) -> Result<Resolved, ImageError> {
+pub fn resolve_selection(
+    source: &dyn ImageSource,
+    selection: &Selection,
+) -> Result<Resolved, ImageError> {
     let root = source.root();
     let what = source.describe();
-    content::check_descriptor(&root).map_err(|why| ImageError::Invalid { what: what.clone(), why })?;
+    content::check_descriptor(&root).map_err(|why| ImageError::Invalid {
+        what: what.clone(),
+        why,
+    })?;
     match content::kind_of(root.media_type()) {
         Kind::Index => {
             let bytes = source.read_blob(&root)?;
             let index = parse_index(&bytes, &root, &what)?;
             let children = platform_children(&index);
-            let available = || children.iter().map(|(p, _)| p.to_string()).collect::<Vec<_>>().join(", ");
+            let available = || {
+                children
+                    .iter()
+                    .map(|(p, _)| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             let mut wanted = selection.platforms.clone();
             let mut note = None;
             if wanted.is_empty() && selection.single_image {
                 let host = Platform::host();
-                note = Some(format!("{what} is an index; picked the host platform {host}"));
+                note = Some(format!(
+                    "{what} is an index; picked the host platform {host}"
+                ));
                 wanted.push(host);
             }
             if wanted.is_empty() {
-                return Ok(Resolved { root, new_root_bytes: None, children, note });
+                return Ok(Resolved {
+                    root,
+                    new_root_bytes: None,
+                    children,
+                    note,
+                });
             }
             let mut picked = Vec::new();
             for p in &wanted {
-                let found = children.iter().find(|(cp, _)| cp == p).ok_or_else(|| ImageError::Invalid {
-                    what: what.clone(),
-                    why: format!("the index has no {p} image (it has: {})", available()),
-                })?;
+                let found =
+                    children
+                        .iter()
+                        .find(|(cp, _)| cp == p)
+                        .ok_or_else(|| ImageError::Invalid {
+                            what: what.clone(),
+                            why: format!("the index has no {p} image (it has: {})", available()),
+                        })?;
                 picked.push(found.clone());
             }
             if let [(_, desc)] = picked.as_slice() {
                 let mut desc = desc.clone();
                 desc.set_platform(None);
                 desc.set_annotations(None);
-                return Ok(Resolved { root: desc, new_root_bytes: None, children: vec![], note });
+                return Ok(Resolved {
+                    root: desc,
+                    new_root_bytes: None,
+                    children: vec![],
+                    note,
+                });
             }
-            let mut value: Value = serde_json::from_slice(&bytes).map_err(|e| ImageError::Invalid { what: what.clone(), why: e.to_string() })?;
-            let keep: BTreeSet<String> = picked.iter().map(|(_, d)| d.digest().to_string()).collect();
+            let mut value: Value =
+                serde_json::from_slice(&bytes).map_err(|e| ImageError::Invalid {
+                    what: what.clone(),
+                    why: e.to_string(),
+                })?;
+            let keep: BTreeSet<String> =
+                picked.iter().map(|(_, d)| d.digest().to_string()).collect();
             if let Some(list) = value.get_mut("manifests").and_then(Value::as_array_mut) {
-                list.retain(|d| d.get("digest").and_then(Value::as_str).is_some_and(|s| keep.contains(s)));
+                list.retain(|d| {
+                    d.get("digest")
+                        .and_then(Value::as_str)
+                        .is_some_and(|s| keep.contains(s))
+                });
             }
             let new_bytes = content::canonical_json(&value);
-            let new_root = Descriptor::new(root.media_type().clone(), new_bytes.len() as u64, content::sha256_digest(&new_bytes));
-            Ok(Resolved { root: new_root, new_root_bytes: Some(new_bytes), children: picked, note })
+            let new_root = Descriptor::new(
+                root.media_type().clone(),
+                new_bytes.len() as u64,
+                content::sha256_digest(&new_bytes),
+            );
+            Ok(Resolved {
+                root: new_root,
+                new_root_bytes: Some(new_bytes),
+                children: picked,
+                note,
+            })
         }
         Kind::Manifest => {
             if let [want] = selection.platforms.as_slice() {
@@ -257,36 +367,69 @@ pub fn resolve_selection(source: &dyn ImageSource, selection: &Selection) -> Res
                 match config_platform(&config) {
                     Some(p) if &p == want => {}
                     Some(p) => {
-                        return Err(ImageError::Invalid { what, why: format!("the image is {p}, not {want}") });
+                        return Err(ImageError::Invalid {
+                            what,
+                            why: format!("the image is {p}, not {want}"),
+                        });
                     }
-                    None => return Err(ImageError::Invalid { what, why: "the image config names no platform".into() }),
+                    None => {
+                        return Err(ImageError::Invalid {
+                            what,
+                            why: "the image config names no platform".into(),
+                        });
+                    }
                 }
             } else if selection.platforms.len() > 1 {
-                return Err(ImageError::Invalid { what, why: "the image is a single platform, not an index".into() });
+                return Err(ImageError::Invalid {
+                    what,
+                    why: "the image is a single platform, not an index".into(),
+                });
             }
             let mut root = root;
             root.set_annotations(None);
             root.set_platform(None);
-            Ok(Resolved { root, new_root_bytes: None, children: vec![], note: None })
+            Ok(Resolved {
+                root,
+                new_root_bytes: None,
+                children: vec![],
+                note: None,
+            })
         }
         Kind::Other => Err(ImageError::Invalid {
             what,
-            why: format!("{} is a {}, not an image manifest or index", root.digest(), root.media_type()),
+            why: format!(
+                "{} is a {}, not an image manifest or index",
+                root.digest(),
+                root.media_type()
+            ),
         }),
     }
 }
 
 /// Copies the image `src` names to `dst`.
-pub fn copy(src: &ImageRef, dst: &ImageRef, platforms: &[Platform]) -> Result<CopyReport, ImageError> {
+pub fn copy(
+    src: &ImageRef,
+    dst: &ImageRef,
+    platforms: &[Platform],
+) -> Result<CopyReport, ImageError> {
     let source = open_source(src)?;
-    let selection = Selection { platforms: platforms.to_vec(), single_image: matches!(dst, ImageRef::DockerArchive { .. }) };
+    let selection = Selection {
+        platforms: platforms.to_vec(),
+        single_image: matches!(dst, ImageRef::DockerArchive { .. }),
+    };
     let resolved = resolve_selection(source.as_ref(), &selection)?;
     if let Some(note) = &resolved.note {
         tracing::info!("{note}");
         eprintln!("{note}");
     }
     let mut sink = open_sink(dst)?;
-    let mut copier = Copier { source: source.as_ref(), sink: sink.as_mut(), done: BTreeSet::new(), blobs: 0, bytes: 0 };
+    let mut copier = Copier {
+        source: source.as_ref(),
+        sink: sink.as_mut(),
+        done: BTreeSet::new(),
+        blobs: 0,
+        bytes: 0,
+    };
     match &resolved.new_root_bytes {
         Some(bytes) => {
             for (_, child) in &resolved.children {
@@ -302,7 +445,11 @@ pub fn copy(src: &ImageRef, dst: &ImageRef, platforms: &[Platform]) -> Result<Co
     Ok(CopyReport {
         digest: resolved.root.digest().to_string(),
         media_type: resolved.root.media_type().to_string(),
-        platforms: resolved.children.iter().map(|(p, _)| p.to_string()).collect(),
+        platforms: resolved
+            .children
+            .iter()
+            .map(|(p, _)| p.to_string())
+            .collect(),
         blobs_copied: blobs,
         bytes_copied: bytes,
     })

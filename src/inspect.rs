@@ -62,7 +62,13 @@ pub struct LayerReport {
 
 /// The raw bytes of the manifest or index the reference (and platform) names.
 pub fn raw(source: &dyn ImageSource, platforms: &[Platform]) -> Result<Vec<u8>, ImageError> {
-    let resolved = image::resolve_selection(source, &Selection { platforms: platforms.to_vec(), single_image: false })?;
+    let resolved = image::resolve_selection(
+        source,
+        &Selection {
+            platforms: platforms.to_vec(),
+            single_image: false,
+        },
+    )?;
     match resolved.new_root_bytes {
         Some(bytes) => Ok(bytes),
         None => source.read_blob(&resolved.root),
@@ -70,7 +76,13 @@ pub fn raw(source: &dyn ImageSource, platforms: &[Platform]) -> Result<Vec<u8>, 
 }
 
 pub fn inspect(source: &dyn ImageSource, platforms: &[Platform]) -> Result<Report, ImageError> {
-    let resolved = image::resolve_selection(source, &Selection { platforms: platforms.to_vec(), single_image: false })?;
+    let resolved = image::resolve_selection(
+        source,
+        &Selection {
+            platforms: platforms.to_vec(),
+            single_image: false,
+        },
+    )?;
     let root = &resolved.root;
     let mut images = Vec::new();
     if content::kind_of(root.media_type()) == Kind::Index {
@@ -81,7 +93,10 @@ pub fn inspect(source: &dyn ImageSource, platforms: &[Platform]) -> Result<Repor
         let index = image::parse_index(&bytes, root, &source.describe())?;
         for child in index.manifests() {
             if content::kind_of(child.media_type()) == Kind::Manifest {
-                let platform = child.platform().as_ref().map(|p| Platform::from_oci(p).to_string());
+                let platform = child
+                    .platform()
+                    .as_ref()
+                    .map(|p| Platform::from_oci(p).to_string());
                 images.push(inspect_manifest(source, child, platform)?);
             }
         }
@@ -97,19 +112,36 @@ pub fn inspect(source: &dyn ImageSource, platforms: &[Platform]) -> Result<Repor
     })
 }
 
-fn inspect_manifest(source: &dyn ImageSource, desc: &Descriptor, platform: Option<String>) -> Result<ImageReport, ImageError> {
+fn inspect_manifest(
+    source: &dyn ImageSource,
+    desc: &Descriptor,
+    platform: Option<String>,
+) -> Result<ImageReport, ImageError> {
     let manifest = image::parse_manifest(&source.read_blob(desc)?, desc, &source.describe())?;
     let config_bytes = source.read_blob(manifest.config())?;
     let config: Value = serde_json::from_slice(&config_bytes).map_err(|e| ImageError::Invalid {
         what: source.describe(),
-        why: format!("config {} is not valid JSON: {e}", manifest.config().digest()),
+        why: format!(
+            "config {} is not valid JSON: {e}",
+            manifest.config().digest()
+        ),
     })?;
     let text = |v: &Value| v.as_str().map(str::to_string);
-    let list = |v: &Value| v.as_array().map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect::<Vec<_>>());
+    let list = |v: &Value| {
+        v.as_array().map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+        })
+    };
     let c = &config["config"];
     let labels: BTreeMap<String, String> = c["Labels"]
         .as_object()
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
         .unwrap_or_default();
     let cnb_labels = labels
         .iter()
@@ -117,7 +149,10 @@ fn inspect_manifest(source: &dyn ImageSource, desc: &Descriptor, platform: Optio
         .map(|(k, v)| {
             let structured = v.starts_with('{') || v.starts_with('[');
             let parsed = structured.then(|| serde_json::from_str(v).ok()).flatten();
-            (k.clone(), parsed.unwrap_or_else(|| Value::String(v.clone())))
+            (
+                k.clone(),
+                parsed.unwrap_or_else(|| Value::String(v.clone())),
+            )
         })
         .collect();
     let diff_ids = list(&config["rootfs"]["diff_ids"]).unwrap_or_default();
@@ -132,7 +167,8 @@ fn inspect_manifest(source: &dyn ImageSource, desc: &Descriptor, platform: Optio
             diff_id: diff_ids.get(i).cloned(),
         })
         .collect();
-    let platform = platform.or_else(|| image::config_platform(&config_bytes).map(|p| p.to_string()));
+    let platform =
+        platform.or_else(|| image::config_platform(&config_bytes).map(|p| p.to_string()));
     Ok(ImageReport {
         platform,
         digest: desc.digest().to_string(),
@@ -165,22 +201,41 @@ pub fn render(report: &Report) -> String {
     if content::kind_of(&report.media_type.as_str().into()) == Kind::Index {
         let _ = writeln!(out, "Platforms:");
         for img in &report.images {
-            let _ = writeln!(out, "  {:<16} {}", img.platform.as_deref().unwrap_or("?"), img.digest);
+            let _ = writeln!(
+                out,
+                "  {:<16} {}",
+                img.platform.as_deref().unwrap_or("?"),
+                img.digest
+            );
         }
     }
     for img in &report.images {
         let c = &img.config;
         let _ = writeln!(out);
-        let _ = writeln!(out, "Image {} ({})", img.platform.as_deref().unwrap_or("?"), img.digest);
+        let _ = writeln!(
+            out,
+            "Image {} ({})",
+            img.platform.as_deref().unwrap_or("?"),
+            img.digest
+        );
         let _ = writeln!(out, "  Config:      {}", c.digest);
-        for (k, v) in [("Created", &c.created), ("User", &c.user), ("WorkingDir", &c.working_dir)] {
+        for (k, v) in [
+            ("Created", &c.created),
+            ("User", &c.user),
+            ("WorkingDir", &c.working_dir),
+        ] {
             if let Some(v) = v {
                 let _ = writeln!(out, "  {:<12} {v}", format!("{k}:"));
             }
         }
         for (k, v) in [("Entrypoint", &c.entrypoint), ("Cmd", &c.cmd)] {
             if let Some(v) = v {
-                let _ = writeln!(out, "  {:<12} {}", format!("{k}:"), serde_json::to_string(v).unwrap_or_default());
+                let _ = writeln!(
+                    out,
+                    "  {:<12} {}",
+                    format!("{k}:"),
+                    serde_json::to_string(v).unwrap_or_default()
+                );
             }
         }
         if !c.env.is_empty() {
@@ -191,7 +246,13 @@ pub fn render(report: &Report) -> String {
         }
         let _ = writeln!(out, "  Layers ({}):", img.layers.len());
         for l in &img.layers {
-            let _ = writeln!(out, "    {}  {:>10}  {}", l.digest, human_size(l.size), l.media_type);
+            let _ = writeln!(
+                out,
+                "    {}  {:>10}  {}",
+                l.digest,
+                human_size(l.size),
+                l.media_type
+            );
         }
         if !img.cnb_labels.is_empty() {
             let _ = writeln!(out, "  Buildpacks labels:");
@@ -203,7 +264,11 @@ pub fn render(report: &Report) -> String {
                 let _ = writeln!(out, "    {k} = {v}");
             }
         }
-        let other: Vec<_> = c.labels.iter().filter(|(k, _)| !k.starts_with("io.buildpacks.")).collect();
+        let other: Vec<_> = c
+            .labels
+            .iter()
+            .filter(|(k, _)| !k.starts_with("io.buildpacks."))
+            .collect();
         if !other.is_empty() {
             let _ = writeln!(out, "  Labels:");
             for (k, v) in other {
@@ -222,5 +287,9 @@ fn human_size(n: u64) -> String {
         v /= 1000.0;
         unit += 1;
     }
-    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }

@@ -50,15 +50,26 @@ pub struct WrittenLayer {
 
 /// Writes the tree under `dir` as a layer into `out`: a deterministic tar, gzip-compressed.
 /// Entry names are relative (`bin/sh`), directories carry their on-disk modes.
-pub fn write_dir_layer<W: Write>(dir: &Path, owners: &Ownership, out: W) -> io::Result<(WrittenLayer, W)> {
+pub fn write_dir_layer<W: Write>(
+    dir: &Path,
+    owners: &Ownership,
+    out: W,
+) -> io::Result<(WrittenLayer, W)> {
     let blob = HashingWriter::new(out);
-    let gz = flate2::write::GzEncoder::new(Chunker::new(blob, GZIP_CHUNK), flate2::Compression::new(6));
+    let gz =
+        flate2::write::GzEncoder::new(Chunker::new(blob, GZIP_CHUNK), flate2::Compression::new(6));
     let mut tar = tar::Builder::new(HashingWriter::new(BufWriter::with_capacity(GZIP_CHUNK, gz)));
     tar.follow_symlinks(false);
-    let walker = walkdir::WalkDir::new(dir).min_depth(1).sort_by_file_name().follow_links(false);
+    let walker = walkdir::WalkDir::new(dir)
+        .min_depth(1)
+        .sort_by_file_name()
+        .follow_links(false);
     for entry in walker {
         let entry = entry.map_err(io::Error::other)?;
-        let rel = entry.path().strip_prefix(dir).expect("walkdir yields paths under its root");
+        let rel = entry
+            .path()
+            .strip_prefix(dir)
+            .expect("walkdir yields paths under its root");
         append_entry(&mut tar, entry.path(), rel, owners)?;
     }
     let tar_hasher = tar.into_inner()?;
@@ -66,10 +77,23 @@ pub fn write_dir_layer<W: Write>(dir: &Path, owners: &Ownership, out: W) -> io::
     let gz = buffered.into_inner().map_err(|e| e.into_error())?;
     let chunker = gz.finish()?;
     let (digest, size, out) = chunker.finish()?.finish();
-    Ok((WrittenLayer { digest, size, diff_id, media_type: MediaType::ImageLayerGzip }, out))
+    Ok((
+        WrittenLayer {
+            digest,
+            size,
+            diff_id,
+            media_type: MediaType::ImageLayerGzip,
+        },
+        out,
+    ))
 }
 
-fn append_entry<W: Write>(tar: &mut tar::Builder<W>, path: &Path, rel: &Path, owners: &Ownership) -> io::Result<()> {
+fn append_entry<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &Path,
+    rel: &Path,
+    owners: &Ownership,
+) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = fs::symlink_metadata(path)?;
     let mut header = tar::Header::new_gnu();
@@ -94,7 +118,10 @@ fn append_entry<W: Write>(tar: &mut tar::Builder<W>, path: &Path, rel: &Path, ow
         header.set_size(meta.len());
         tar.append_data(&mut header, rel, fs::File::open(path)?)
     } else {
-        Err(io::Error::other(format!("{}: only files, directories and symlinks can go into a layer", path.display())))
+        Err(io::Error::other(format!(
+            "{}: only files, directories and symlinks can go into a layer",
+            path.display()
+        )))
     }
 }
 
@@ -108,7 +135,11 @@ struct Chunker<W: Write> {
 
 impl<W: Write> Chunker<W> {
     fn new(inner: W, size: usize) -> Self {
-        Chunker { inner, buf: Vec::with_capacity(size), size }
+        Chunker {
+            inner,
+            buf: Vec::with_capacity(size),
+            size,
+        }
     }
 
     fn finish(mut self) -> io::Result<W> {
@@ -139,7 +170,10 @@ impl<W: Write> Write for Chunker<W> {
 }
 
 /// A reader of the uncompressed tar inside a layer blob.
-pub fn decompress<'a>(reader: impl Read + 'a, compression: Compression) -> io::Result<Box<dyn Read + 'a>> {
+pub fn decompress<'a>(
+    reader: impl Read + 'a,
+    compression: Compression,
+) -> io::Result<Box<dyn Read + 'a>> {
     Ok(match compression {
         Compression::None => Box::new(reader),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(reader)),
@@ -190,7 +224,8 @@ mod tests {
     }
 
     fn filetime_now(offset: i64) -> std::time::SystemTime {
-        std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs((1_700_000_000 + offset) as u64)
+        std::time::SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_secs((1_700_000_000 + offset) as u64)
     }
 
     #[test]
@@ -203,7 +238,10 @@ mod tests {
         owners.add("/home/cnb", 1000, 1000);
         let (la, bytes) = write_dir_layer(a.path(), &owners, Vec::new()).unwrap();
         let (lb, _) = write_dir_layer(b.path(), &owners, Vec::new()).unwrap();
-        assert_eq!((la.digest.clone(), la.diff_id.clone()), (lb.digest, lb.diff_id));
+        assert_eq!(
+            (la.digest.clone(), la.diff_id.clone()),
+            (lb.digest, lb.diff_id)
+        );
         assert_eq!(la.size, bytes.len() as u64);
 
         let mut archive = tar::Archive::new(decompress(&bytes[..], Compression::Gzip).unwrap());
@@ -211,10 +249,25 @@ mod tests {
         for e in archive.entries().unwrap() {
             let e = e.unwrap();
             let h = e.header();
-            seen.push((e.path().unwrap().display().to_string(), h.uid().unwrap(), h.mtime().unwrap()));
+            seen.push((
+                e.path().unwrap().display().to_string(),
+                h.uid().unwrap(),
+                h.mtime().unwrap(),
+            ));
         }
         let names: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
-        assert_eq!(names, ["bin/", "bin/alias", "bin/tool", "home/", "home/cnb/", "home/cnb/.config/", "home/cnb/.config/x"]);
+        assert_eq!(
+            names,
+            [
+                "bin/",
+                "bin/alias",
+                "bin/tool",
+                "home/",
+                "home/cnb/",
+                "home/cnb/.config/",
+                "home/cnb/.config/x"
+            ]
+        );
         assert!(seen.iter().all(|s| s.2 == NORMALIZED_MTIME));
         assert_eq!(seen[3].1, 0);
         assert_eq!(seen[4].1, 1000);
@@ -233,8 +286,14 @@ mod tests {
 
     #[test]
     fn archive_paths_never_climb_out() {
-        assert_eq!(normalize_archive_path(Path::new("./a/b/../c")).as_deref(), Some("a/c"));
-        assert_eq!(normalize_archive_path(Path::new("/a")).as_deref(), Some("a"));
+        assert_eq!(
+            normalize_archive_path(Path::new("./a/b/../c")).as_deref(),
+            Some("a/c")
+        );
+        assert_eq!(
+            normalize_archive_path(Path::new("/a")).as_deref(),
+            Some("a")
+        );
         assert_eq!(normalize_archive_path(Path::new("../etc/passwd")), None);
     }
 }

@@ -50,7 +50,10 @@ pub enum LayoutError {
 type Result<T, E = LayoutError> = std::result::Result<T, E>;
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LayoutError + '_ {
-    move |source| LayoutError::Io { path: path.to_path_buf(), source }
+    move |source| LayoutError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// An existing OCI image layout directory, opened for reading.
@@ -74,7 +77,10 @@ impl Layout {
 
     fn check_layout_file(&self) -> Result<()> {
         let path = self.dir.join(LAYOUT_FILE);
-        let not_layout = |why: String| LayoutError::NotALayout { dir: self.dir.clone(), why };
+        let not_layout = |why: String| LayoutError::NotALayout {
+            dir: self.dir.clone(),
+            why,
+        };
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -82,8 +88,10 @@ impl Layout {
             }
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let value: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| LayoutError::BadFile { path: path.clone(), why: e.to_string() })?;
+        let value: Value = serde_json::from_slice(&bytes).map_err(|e| LayoutError::BadFile {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
         match value.get("imageLayoutVersion").and_then(Value::as_str) {
             Some(v) if v.starts_with("1.") => Ok(()),
             other => Err(LayoutError::BadFile {
@@ -97,18 +105,26 @@ impl Layout {
     pub fn index_entries(&self) -> Result<Vec<Descriptor>> {
         let path = self.dir.join(INDEX_FILE);
         let bytes = fs::read(&path).map_err(io_err(&path))?;
-        let index: ImageIndex = serde_json::from_slice(&bytes)
-            .map_err(|e| LayoutError::BadFile { path: path.clone(), why: e.to_string() })?;
+        let index: ImageIndex =
+            serde_json::from_slice(&bytes).map_err(|e| LayoutError::BadFile {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
         for desc in index.manifests() {
-            content::check_descriptor(desc)
-                .map_err(|why| LayoutError::BadFile { path: path.clone(), why })?;
+            content::check_descriptor(desc).map_err(|why| LayoutError::BadFile {
+                path: path.clone(),
+                why,
+            })?;
         }
         Ok(index.manifests().clone())
     }
 
     /// The descriptor for ref `name`; see [`resolve_ref`].
     pub fn resolve(&self, name: Option<&str>) -> Result<Descriptor> {
-        resolve_ref(&self.index_entries()?, name).map_err(|why| LayoutError::Ambiguous { dir: self.dir.clone(), why })
+        resolve_ref(&self.index_entries()?, name).map_err(|why| LayoutError::Ambiguous {
+            dir: self.dir.clone(),
+            why,
+        })
     }
 
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -121,12 +137,18 @@ impl Layout {
 
     /// Opens a blob; the reader fails at end of stream unless size and digest match.
     pub fn open_blob(&self, desc: &Descriptor) -> Result<VerifyingReader<File>> {
-        content::check_descriptor(desc).map_err(|why| LayoutError::BadBlob { dir: self.dir.clone(), why })?;
+        content::check_descriptor(desc).map_err(|why| LayoutError::BadBlob {
+            dir: self.dir.clone(),
+            why,
+        })?;
         let path = self.blob_path(desc.digest());
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(LayoutError::MissingBlob { dir: self.dir.clone(), digest: desc.digest().clone() });
+                return Err(LayoutError::MissingBlob {
+                    dir: self.dir.clone(),
+                    digest: desc.digest().clone(),
+                });
             }
             Err(e) => return Err(io_err(&path)(e)),
         };
@@ -134,17 +156,29 @@ impl Layout {
         if len != desc.size() {
             return Err(LayoutError::BadBlob {
                 dir: self.dir.clone(),
-                why: format!("blob {} is {len} bytes but its descriptor says {}", desc.digest(), desc.size()),
+                why: format!(
+                    "blob {} is {len} bytes but its descriptor says {}",
+                    desc.digest(),
+                    desc.size()
+                ),
             });
         }
-        Ok(VerifyingReader::new(file, desc, format!("oci:{}", self.dir.display())))
+        Ok(VerifyingReader::new(
+            file,
+            desc,
+            format!("oci:{}", self.dir.display()),
+        ))
     }
 
     /// Reads a manifest, index or config blob, verified.
     pub fn read_blob(&self, desc: &Descriptor) -> Result<Vec<u8>> {
         let reader = self.open_blob(desc)?;
-        content::read_small_blob(reader, desc, &format!("oci:{}", self.dir.display()))
-            .map_err(|e| LayoutError::BadBlob { dir: self.dir.clone(), why: e.to_string() })
+        content::read_small_blob(reader, desc, &format!("oci:{}", self.dir.display())).map_err(
+            |e| LayoutError::BadBlob {
+                dir: self.dir.clone(),
+                why: e.to_string(),
+            },
+        )
     }
 
     fn lock(&self) -> Result<Flock<File>> {
@@ -167,7 +201,8 @@ impl Layout {
                     pending.extend(index.manifests().iter().cloned());
                 }
                 Kind::Manifest => {
-                    let manifest: ImageManifest = parse_json(&self.read_blob(&desc)?, &self.dir, &desc)?;
+                    let manifest: ImageManifest =
+                        parse_json(&self.read_blob(&desc)?, &self.dir, &desc)?;
                     pending.push(manifest.config().clone());
                     pending.extend(manifest.layers().iter().cloned());
                 }
@@ -187,7 +222,10 @@ impl Layout {
         }
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
-            if entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX)
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(STAGING_PREFIX)
                 && lock_dir(&entry.path(), FlockArg::LockExclusiveNonblock).is_ok()
             {
                 fs::remove_dir_all(entry.path()).map_err(io_err(&entry.path()))?;
@@ -198,7 +236,11 @@ impl Layout {
     }
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], dir: &Path, desc: &Descriptor) -> Result<T> {
+fn parse_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    dir: &Path,
+    desc: &Descriptor,
+) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| LayoutError::BadBlob {
         dir: dir.to_path_buf(),
         why: format!("{} {} is not valid: {e}", desc.media_type(), desc.digest()),
@@ -209,10 +251,23 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], dir: &Path, desc: &D
 /// (per-platform refs `NAME-os-arch` of another entry do not count).
 pub fn resolve_ref(entries: &[Descriptor], name: Option<&str>) -> Result<Descriptor, String> {
     let names: Vec<String> = entries.iter().filter_map(ref_name).collect();
-    let available = || if names.is_empty() { "no named images".to_string() } else { names.join(", ") };
-    let find = |want: &str| entries.iter().rev().find(|d| ref_name(d).as_deref() == Some(want)).cloned();
+    let available = || {
+        if names.is_empty() {
+            "no named images".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    let find = |want: &str| {
+        entries
+            .iter()
+            .rev()
+            .find(|d| ref_name(d).as_deref() == Some(want))
+            .cloned()
+    };
     if let Some(name) = name {
-        return find(name).ok_or_else(|| format!("no image named {name:?} (it has: {})", available()));
+        return find(name)
+            .ok_or_else(|| format!("no image named {name:?} (it has: {})", available()));
     }
     if let Some(found) = find(crate::reference::DEFAULT_TAG) {
         return Ok(found);
@@ -220,21 +275,30 @@ pub fn resolve_ref(entries: &[Descriptor], name: Option<&str>) -> Result<Descrip
     let roots: Vec<&Descriptor> = entries
         .iter()
         .filter(|d| match ref_name(d) {
-            Some(n) => !names.iter().any(|other| n.starts_with(&format!("{other}-"))),
+            Some(n) => !names
+                .iter()
+                .any(|other| n.starts_with(&format!("{other}-"))),
             None => true,
         })
         .collect();
     match roots.as_slice() {
         [only] => Ok((*only).clone()),
         [] => Err("it holds no image".into()),
-        _ => Err(format!("no image named \"latest\" and more than one image; name one of: {}", available())),
+        _ => Err(format!(
+            "no image named \"latest\" and more than one image; name one of: {}",
+            available()
+        )),
     }
 }
 
 /// The index entries to write for an image stored under `name`: the image itself and, for an
 /// index, each platform child as `NAME-os-arch[-variant]` so that tools which cannot open an
 /// index (umoci, oci-image-tool) reach every platform.
-pub fn refs_for(name: &str, root: &Descriptor, children: &[(crate::platform::Platform, Descriptor)]) -> Vec<(String, Descriptor)> {
+pub fn refs_for(
+    name: &str,
+    root: &Descriptor,
+    children: &[(crate::platform::Platform, Descriptor)],
+) -> Vec<(String, Descriptor)> {
     let mut refs = vec![(name.to_string(), root.clone())];
     let mut seen = BTreeSet::new();
     for (platform, child) in children {
@@ -262,7 +326,9 @@ pub fn with_ref_name(desc: &Descriptor, name: &str) -> Descriptor {
 }
 
 fn blob_path_in(dir: &Path, digest: &Digest) -> PathBuf {
-    dir.join("blobs").join(digest.algorithm().to_string()).join(digest.digest())
+    dir.join("blobs")
+        .join(digest.algorithm().to_string())
+        .join(digest.digest())
 }
 
 fn lock_dir(dir: &Path, how: FlockArg) -> Result<Flock<File>> {
@@ -271,14 +337,21 @@ fn lock_dir(dir: &Path, how: FlockArg) -> Result<Flock<File>> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
 }
 
 /// Writes `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the dir.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".lathe-tmp-").tempfile_in(dir).map_err(io_err(dir))?;
-    tmp.write_all(bytes).and_then(|_| tmp.as_file().sync_all()).map_err(io_err(tmp.path()))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".lathe-tmp-")
+        .tempfile_in(dir)
+        .map_err(io_err(dir))?;
+    tmp.write_all(bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .map_err(io_err(tmp.path()))?;
     tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
     sync_dir(dir)
 }
@@ -317,14 +390,21 @@ impl Transaction {
             Err(e) => return Err(io_err(&target)(e)),
         };
         let staging = match &existing {
-            Some(_) => tempfile::Builder::new().prefix(STAGING_PREFIX).tempdir_in(&target),
+            Some(_) => tempfile::Builder::new()
+                .prefix(STAGING_PREFIX)
+                .tempdir_in(&target),
             None => {
                 let parent = match target.parent() {
                     Some(p) if !p.as_os_str().is_empty() => p,
                     _ => Path::new("."),
                 };
-                let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                tempfile::Builder::new().prefix(&format!(".{name}.lathe-new-")).tempdir_in(parent)
+                let name = target
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                tempfile::Builder::new()
+                    .prefix(&format!(".{name}.lathe-new-"))
+                    .tempdir_in(parent)
             }
         }
         .map_err(io_err(&target))?;
@@ -333,7 +413,13 @@ impl Transaction {
             let blobs = staging.path().join("blobs/sha256");
             fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
         }
-        Ok(Transaction { target, existing, staging, _staging_lock: staging_lock, staged: BTreeSet::new() })
+        Ok(Transaction {
+            target,
+            existing,
+            staging,
+            _staging_lock: staging_lock,
+            staged: BTreeSet::new(),
+        })
     }
 
     pub fn target(&self) -> &Path {
@@ -355,8 +441,10 @@ impl Transaction {
 
     /// Stages a blob read from `reader`, verifying it against `desc`.
     pub fn write_blob(&mut self, desc: &Descriptor, reader: impl Read, source: &str) -> Result<()> {
-        content::check_descriptor(desc)
-            .map_err(|why| LayoutError::BadBlob { dir: self.target.clone(), why })?;
+        content::check_descriptor(desc).map_err(|why| LayoutError::BadBlob {
+            dir: self.target.clone(),
+            why,
+        })?;
         if self.has_blob(desc.digest()) {
             return Ok(());
         }
@@ -373,7 +461,10 @@ impl Transaction {
     /// Stages a blob from bytes lathe made (a manifest, config or index).
     pub fn write_bytes(&mut self, bytes: &[u8], media_type: MediaType) -> Result<Descriptor> {
         let mut writer = self.blob_writer()?;
-        writer.inner.write_all(bytes).map_err(io_err(self.staging.path()))?;
+        writer
+            .inner
+            .write_all(bytes)
+            .map_err(io_err(self.staging.path()))?;
         let (digest, size) = writer.finish(self)?;
         Ok(Descriptor::new(media_type, size, digest))
     }
@@ -384,7 +475,9 @@ impl Transaction {
             .prefix(".partial-")
             .tempfile_in(self.staging.path())
             .map_err(io_err(self.staging.path()))?;
-        Ok(BlobWriter { inner: HashingWriter::new(tmp) })
+        Ok(BlobWriter {
+            inner: HashingWriter::new(tmp),
+        })
     }
 
     /// Makes the staged blobs and the entries `refs` (ref name, descriptor) visible at once.
@@ -404,8 +497,11 @@ impl Transaction {
                 self.check_refs_complete(refs)?;
                 let index_path = self.target.join(INDEX_FILE);
                 let old = fs::read(&index_path).map_err(io_err(&index_path))?;
-                let mut index: Value = serde_json::from_slice(&old)
-                    .map_err(|e| LayoutError::BadFile { path: index_path.clone(), why: e.to_string() })?;
+                let mut index: Value =
+                    serde_json::from_slice(&old).map_err(|e| LayoutError::BadFile {
+                        path: index_path.clone(),
+                        why: e.to_string(),
+                    })?;
                 merge_entries(&mut index, refs);
                 write_atomically(&index_path, &content::canonical_json(&index))?;
                 Ok(())
@@ -414,7 +510,10 @@ impl Transaction {
                 self.check_refs_complete(refs)?;
                 let root = self.staging.path();
                 sync_dir(&root.join("blobs/sha256"))?;
-                write_atomically(&root.join(LAYOUT_FILE), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+                write_atomically(
+                    &root.join(LAYOUT_FILE),
+                    br#"{"imageLayoutVersion":"1.0.0"}"#,
+                )?;
                 let mut index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []});
                 merge_entries(&mut index, refs);
                 write_atomically(&root.join(INDEX_FILE), &content::canonical_json(&index))?;
@@ -426,7 +525,12 @@ impl Transaction {
                     let _ = fs::remove_dir_all(&staging);
                     return Err(io_err(&self.target)(e));
                 }
-                sync_dir(self.target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+                sync_dir(
+                    self.target
+                        .parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .unwrap_or(Path::new(".")),
+                )
             }
         }
     }
@@ -438,7 +542,10 @@ impl Transaction {
                 None => self.staged.contains(desc.digest().digest()),
             };
             if !present {
-                return Err(LayoutError::MissingBlob { dir: self.target.clone(), digest: desc.digest().clone() });
+                return Err(LayoutError::MissingBlob {
+                    dir: self.target.clone(),
+                    digest: desc.digest().clone(),
+                });
             }
         }
         Ok(())
@@ -454,11 +561,15 @@ fn merge_entries(index: &mut Value, refs: &[(String, Descriptor)]) {
         .or_insert_with(|| Value::Array(vec![]));
     let list = manifests.as_array_mut().expect("manifests is an array");
     list.retain(|entry| {
-        let name = entry.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str);
+        let name = entry
+            .pointer("/annotations/org.opencontainers.image.ref.name")
+            .and_then(Value::as_str);
         !name.is_some_and(|n| new_names.contains_key(n))
     });
     for (name, desc) in refs {
-        list.push(serde_json::to_value(with_ref_name(desc, name)).expect("a descriptor serialises"));
+        list.push(
+            serde_json::to_value(with_ref_name(desc, name)).expect("a descriptor serialises"),
+        );
     }
 }
 
@@ -496,7 +607,12 @@ mod tests {
     use super::*;
 
     fn dir() -> tempfile::TempDir {
-        tempfile::tempdir_in(if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" }).unwrap()
+        tempfile::tempdir_in(if Path::new("/dev/shm").is_dir() {
+            "/dev/shm"
+        } else {
+            "/tmp"
+        })
+        .unwrap()
     }
 
     #[test]
@@ -509,18 +625,28 @@ mod tests {
         tx.commit(&[("a".into(), config.clone())]).unwrap();
         let layout = Layout::open(&target).unwrap();
         assert_eq!(layout.resolve(Some("a")).unwrap().digest(), config.digest());
-        assert_eq!(layout.resolve(None).unwrap().digest(), config.digest(), "the only image");
+        assert_eq!(
+            layout.resolve(None).unwrap().digest(),
+            config.digest(),
+            "the only image"
+        );
 
         let mut tx = Transaction::begin(&target).unwrap();
-        let other = tx.write_bytes(b"{\"x\":1}", MediaType::ImageConfig).unwrap();
-        tx.commit(&[("a".into(), other.clone()), ("b".into(), config.clone())]).unwrap();
+        let other = tx
+            .write_bytes(b"{\"x\":1}", MediaType::ImageConfig)
+            .unwrap();
+        tx.commit(&[("a".into(), other.clone()), ("b".into(), config.clone())])
+            .unwrap();
         let entries = layout.index_entries().unwrap();
         assert_eq!(entries.len(), 2);
         assert_eq!(layout.resolve(Some("a")).unwrap().digest(), other.digest());
         let err = layout.resolve(None).unwrap_err().to_string();
         assert!(err.contains("name one of: a, b"), "{err}");
         let err = layout.resolve(Some("zz")).unwrap_err().to_string();
-        assert!(err.contains("no image named \"zz\" (it has: a, b)"), "{err}");
+        assert!(
+            err.contains("no image named \"zz\" (it has: a, b)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -555,7 +681,10 @@ mod tests {
         let tmp = dir();
         fs::write(tmp.path().join("file"), b"x").unwrap();
         let err = Transaction::begin(tmp.path()).err().unwrap().to_string();
-        assert!(err.contains("is not an empty directory or an OCI image layout"), "{err}");
+        assert!(
+            err.contains("is not an empty directory or an OCI image layout"),
+            "{err}"
+        );
         let err = Layout::open(tmp.path()).unwrap_err().to_string();
         assert!(err.contains("has no oci-layout file"), "{err}");
     }

@@ -18,7 +18,8 @@ fn main() {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG").unwrap_or_else(|_| level.into()),
+            tracing_subscriber::EnvFilter::try_from_env("LATHE_LOG")
+                .unwrap_or_else(|_| level.into()),
         )
         .with_writer(std::io::stderr)
         .without_time()

@@ -29,10 +29,13 @@ impl Platform {
         };
         // Drop the variants that are the architecture's only or default one, so that equal
         // platforms compare equal.
-        let variant = variant.filter(|v| {
-            !v.is_empty() && !matches!((arch, *v), ("arm64", "v8") | ("amd64", "v1"))
-        });
-        Platform { os: os.to_string(), arch: arch.to_string(), variant: variant.map(str::to_string) }
+        let variant = variant
+            .filter(|v| !v.is_empty() && !matches!((arch, *v), ("arm64", "v8") | ("amd64", "v1")));
+        Platform {
+            os: os.to_string(),
+            arch: arch.to_string(),
+            variant: variant.map(str::to_string),
+        }
     }
 
     /// The platform lathe itself runs on.
@@ -41,7 +44,11 @@ impl Platform {
     }
 
     pub fn from_oci(p: &oci_spec::image::Platform) -> Platform {
-        Platform::new(&p.os().to_string(), &p.architecture().to_string(), p.variant().as_deref())
+        Platform::new(
+            &p.os().to_string(),
+            &p.architecture().to_string(),
+            p.variant().as_deref(),
+        )
     }
 
     /// The descriptor platform to record in an index. arm64 gets its `v8` variant spelled out,
@@ -73,7 +80,11 @@ impl Platform {
 
     /// Parses a comma-separated list (`linux/amd64,linux/arm64`).
     pub fn parse_list(text: &str) -> Result<Vec<Platform>, PlatformError> {
-        text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::parse).collect()
+        text.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::parse)
+            .collect()
     }
 }
 
@@ -81,13 +92,18 @@ impl FromStr for Platform {
     type Err = PlatformError;
 
     fn from_str(text: &str) -> Result<Platform, PlatformError> {
-        let err = |why| PlatformError { text: text.to_string(), why };
+        let err = |why| PlatformError {
+            text: text.to_string(),
+            why,
+        };
         let parts: Vec<&str> = text.split('/').collect();
         if parts.len() < 2 || parts.len() > 3 {
             return Err(err("it needs two or three parts separated by '/'"));
         }
         let valid = |s: &str| {
-            !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         };
         if !parts.iter().all(|p| valid(p)) {
             return Err(err("each part must be lowercase letters, digits or '_'"));
@@ -125,7 +141,13 @@ mod tests {
     fn lists_and_bad_input() {
         let list = Platform::parse_list("linux/amd64, linux/arm64").unwrap();
         assert_eq!(list.len(), 2);
-        for bad in ["linux", "linux/", "Linux/amd64", "linux/amd64/v8/x", "linux/am d64"] {
+        for bad in [
+            "linux",
+            "linux/",
+            "Linux/amd64",
+            "linux/amd64/v8/x",
+            "linux/am d64",
+        ] {
             let err = bad.parse::<Platform>().unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
         }

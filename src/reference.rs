@@ -34,11 +34,20 @@ pub struct RegistryRef {
 pub enum ImageRef {
     Registry(RegistryRef),
     /// An OCI image layout directory and the `org.opencontainers.image.ref.name` inside it.
-    Layout { dir: PathBuf, name: Option<String> },
+    Layout {
+        dir: PathBuf,
+        name: Option<String>,
+    },
     /// A tar of an OCI layout.
-    OciArchive { file: PathBuf, name: Option<String> },
+    OciArchive {
+        file: PathBuf,
+        name: Option<String>,
+    },
     /// The `docker save` format. `name` is a repo tag, or `@N` for the N-th image.
-    DockerArchive { file: PathBuf, name: Option<String> },
+    DockerArchive {
+        file: PathBuf,
+        name: Option<String>,
+    },
 }
 
 impl ImageRef {
@@ -56,12 +65,20 @@ impl FromStr for ImageRef {
     type Err = ReferenceError;
 
     fn from_str(text: &str) -> Result<ImageRef, ReferenceError> {
-        let err = |why: &str| ReferenceError { text: text.to_string(), why: why.to_string() };
+        let err = |why: &str| ReferenceError {
+            text: text.to_string(),
+            why: why.to_string(),
+        };
         if let Some(rest) = text.strip_prefix("docker://") {
-            return RegistryRef::parse(rest).map(ImageRef::Registry).map_err(|why| err(&why));
+            return RegistryRef::parse(rest)
+                .map(ImageRef::Registry)
+                .map_err(|why| err(&why));
         }
         for (prefix, make) in [
-            ("oci:", make_layout as fn(PathBuf, Option<String>) -> ImageRef),
+            (
+                "oci:",
+                make_layout as fn(PathBuf, Option<String>) -> ImageRef,
+            ),
             ("oci-archive:", make_oci_archive),
             ("docker-archive:", make_docker_archive),
         ] {
@@ -93,7 +110,9 @@ impl FromStr for ImageRef {
                 "a path needs a transport: oci:DIR, oci-archive:FILE or docker-archive:FILE",
             ));
         }
-        RegistryRef::parse(text).map(ImageRef::Registry).map_err(|why| err(&why))
+        RegistryRef::parse(text)
+            .map(ImageRef::Registry)
+            .map_err(|why| err(&why))
     }
 }
 
@@ -147,7 +166,11 @@ impl RegistryRef {
             }
             _ => (DEFAULT_REGISTRY.to_string(), name.to_string()),
         };
-        let registry = if registry == "index.docker.io" { DEFAULT_REGISTRY.into() } else { registry };
+        let registry = if registry == "index.docker.io" {
+            DEFAULT_REGISTRY.into()
+        } else {
+            registry
+        };
         check_registry(&registry)?;
         let repository = if registry == DEFAULT_REGISTRY && !repository.contains('/') {
             format!("library/{repository}")
@@ -160,7 +183,12 @@ impl RegistryRef {
             (None, None) => Some(DEFAULT_TAG.to_string()),
             (None, Some(_)) => None,
         };
-        Ok(RegistryRef { registry, repository, tag, digest })
+        Ok(RegistryRef {
+            registry,
+            repository,
+            tag,
+            digest,
+        })
     }
 }
 
@@ -183,7 +211,9 @@ fn check_registry(registry: &str) -> Result<(), String> {
         None => (registry, None),
     };
     let host_ok = !host.is_empty()
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'[' || b == b']');
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'[' || b == b']');
     if !host_ok || port.is_some_and(|p| p.parse::<u16>().is_err()) {
         return Err(format!("{registry:?} is not a valid registry host[:port]"));
     }
@@ -196,7 +226,8 @@ fn check_repository(repo: &str) -> Result<(), String> {
         !b.is_empty()
             && b[0].is_ascii_alphanumeric()
             && b[b.len() - 1].is_ascii_alphanumeric()
-            && b.iter().all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(&x))
+            && b.iter()
+                .all(|&x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(&x))
             && !c.contains("..")
     };
     if repo.len() > 255 || !repo.split('/').all(component_ok) {
@@ -212,20 +243,32 @@ fn check_tag(tag: &str) -> Result<(), String> {
     let ok = !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter().all(|&x| x.is_ascii_alphanumeric() || b"_.-".contains(&x));
-    if ok { Ok(()) } else { Err(format!("tag {tag:?} is not valid ([A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})")) }
+        && b.iter()
+            .all(|&x| x.is_ascii_alphanumeric() || b"_.-".contains(&x));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "tag {tag:?} is not valid ([A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})"
+        ))
+    }
 }
 
 /// Checks an OCI layout ref name against the image-spec grammar:
 /// components of alphanumerics joined by `-._:@+` or `--`, separated by `/`.
 pub fn check_ref_name(name: &str) -> Result<(), String> {
-    let bad = || Err(format!("ref name {name:?} is not valid (letters, digits, separated by one of -._:@+/)"));
+    let bad = || {
+        Err(format!(
+            "ref name {name:?} is not valid (letters, digits, separated by one of -._:@+/)"
+        ))
+    };
     if name.is_empty() {
         return bad();
     }
     for component in name.split('/') {
         let b = component.as_bytes();
-        if b.is_empty() || !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric() {
+        if b.is_empty() || !b[0].is_ascii_alphanumeric() || !b[b.len() - 1].is_ascii_alphanumeric()
+        {
             return bad();
         }
         let mut prev_sep = false;
@@ -267,11 +310,23 @@ mod tests {
 
     #[test]
     fn docker_normalisation() {
-        assert_eq!(reg("busybox").to_string(), "docker.io/library/busybox:latest");
-        assert_eq!(reg("docker://paketo/builder:base").to_string(), "docker.io/paketo/builder:base");
-        assert_eq!(reg("index.docker.io/x/y").to_string(), "docker.io/x/y:latest");
+        assert_eq!(
+            reg("busybox").to_string(),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            reg("docker://paketo/builder:base").to_string(),
+            "docker.io/paketo/builder:base"
+        );
+        assert_eq!(
+            reg("index.docker.io/x/y").to_string(),
+            "docker.io/x/y:latest"
+        );
         let r = reg("localhost:5000/a/b:v1");
-        assert_eq!((r.registry.as_str(), r.repository.as_str()), ("localhost:5000", "a/b"));
+        assert_eq!(
+            (r.registry.as_str(), r.repository.as_str()),
+            ("localhost:5000", "a/b")
+        );
         let d = format!("sha256:{}", "0".repeat(64));
         let r = reg(&format!("127.0.0.1:5000/app@{d}"));
         assert_eq!(r.tag, None);
@@ -282,18 +337,33 @@ mod tests {
     fn local_transports() {
         assert_eq!(
             "oci:/tmp/x:run".parse::<ImageRef>().unwrap(),
-            ImageRef::Layout { dir: "/tmp/x".into(), name: Some("run".into()) }
+            ImageRef::Layout {
+                dir: "/tmp/x".into(),
+                name: Some("run".into())
+            }
         );
         assert_eq!(
             "oci-archive:b.tar".parse::<ImageRef>().unwrap(),
-            ImageRef::OciArchive { file: "b.tar".into(), name: None }
+            ImageRef::OciArchive {
+                file: "b.tar".into(),
+                name: None
+            }
         );
         assert_eq!(
             "docker-archive:c.tar:app:v1".parse::<ImageRef>().unwrap(),
-            ImageRef::DockerArchive { file: "c.tar".into(), name: Some("app:v1".into()) }
+            ImageRef::DockerArchive {
+                file: "c.tar".into(),
+                name: Some("app:v1".into())
+            }
         );
         assert!("docker-archive:c.tar:@1".parse::<ImageRef>().is_ok());
-        assert_eq!("oci:/x:v1.0-linux-amd64".parse::<ImageRef>().unwrap().to_string(), "oci:/x:v1.0-linux-amd64");
+        assert_eq!(
+            "oci:/x:v1.0-linux-amd64"
+                .parse::<ImageRef>()
+                .unwrap()
+                .to_string(),
+            "oci:/x:v1.0-linux-amd64"
+        );
     }
 
     #[test]
