@@ -484,28 +484,7 @@ impl Transaction {
     /// Entries with the same ref names are replaced; every other entry is kept.
     pub fn commit(self, refs: &[(String, Descriptor)]) -> Result<()> {
         match &self.existing {
-            Some(layout) => {
-                let _lock = layout.lock()?;
-                let blobs = self.target.join("blobs/sha256");
-                fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
-                for hex in &self.staged {
-                    let from = self.staging.path().join(hex);
-                    let to = blobs.join(hex);
-                    fs::rename(&from, &to).map_err(io_err(&to))?;
-                }
-                sync_dir(&blobs)?;
-                self.check_refs_complete(refs)?;
-                let index_path = self.target.join(INDEX_FILE);
-                let old = fs::read(&index_path).map_err(io_err(&index_path))?;
-                let mut index: Value =
-                    serde_json::from_slice(&old).map_err(|e| LayoutError::BadFile {
-                        path: index_path.clone(),
-                        why: e.to_string(),
-                    })?;
-                merge_entries(&mut index, refs);
-                write_atomically(&index_path, &content::canonical_json(&index))?;
-                Ok(())
-            }
+            Some(layout) => merge_into(layout, self.staging.path(), &self.staged, refs),
             None => {
                 self.check_refs_complete(refs)?;
                 let root = self.staging.path();
@@ -517,31 +496,25 @@ impl Transaction {
                 let mut index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []});
                 merge_entries(&mut index, refs);
                 write_atomically(&root.join(INDEX_FILE), &content::canonical_json(&index))?;
-                let staging = self.staging.keep();
-                // An empty directory at the target is replaced; anything else that appeared
-                // meanwhile makes the rename fail and is left alone.
+                // An empty directory at the target is replaced. If another writer created the
+                // layout meanwhile, merge into it as if it had been there from the start.
                 let _ = fs::remove_dir(&self.target);
-                if let Err(e) = fs::rename(&staging, &self.target) {
-                    let _ = fs::remove_dir_all(&staging);
-                    return Err(io_err(&self.target)(e));
+                if let Err(e) = fs::rename(root, &self.target) {
+                    let Ok(layout) = Layout::open(&self.target) else {
+                        return Err(io_err(&self.target)(e));
+                    };
+                    return merge_into(&layout, &root.join("blobs/sha256"), &self.staged, refs);
                 }
-                sync_dir(
-                    self.target
-                        .parent()
-                        .filter(|p| !p.as_os_str().is_empty())
-                        .unwrap_or(Path::new(".")),
-                )
+                let _ = self.staging.keep();
+                let parent = self.target.parent().filter(|p| !p.as_os_str().is_empty());
+                sync_dir(parent.unwrap_or(Path::new(".")))
             }
         }
     }
 
     fn check_refs_complete(&self, refs: &[(String, Descriptor)]) -> Result<()> {
         for (_, desc) in refs {
-            let present = match &self.existing {
-                Some(layout) => layout.has_blob(desc.digest()),
-                None => self.staged.contains(desc.digest().digest()),
-            };
-            if !present {
+            if !self.staged.contains(desc.digest().digest()) {
                 return Err(LayoutError::MissingBlob {
                     dir: self.target.clone(),
                     digest: desc.digest().clone(),
@@ -550,6 +523,39 @@ impl Transaction {
         }
         Ok(())
     }
+}
+
+/// Moves staged blobs into an existing layout and adds `refs` to its index, under its lock.
+fn merge_into(
+    layout: &Layout,
+    staged_dir: &Path,
+    staged: &BTreeSet<String>,
+    refs: &[(String, Descriptor)],
+) -> Result<()> {
+    let _lock = layout.lock()?;
+    let blobs = layout.dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+    for hex in staged {
+        let to = blobs.join(hex);
+        fs::rename(staged_dir.join(hex), &to).map_err(io_err(&to))?;
+    }
+    sync_dir(&blobs)?;
+    for (_, desc) in refs {
+        if !layout.has_blob(desc.digest()) {
+            return Err(LayoutError::MissingBlob {
+                dir: layout.dir.clone(),
+                digest: desc.digest().clone(),
+            });
+        }
+    }
+    let index_path = layout.dir.join(INDEX_FILE);
+    let old = fs::read(&index_path).map_err(io_err(&index_path))?;
+    let mut index: Value = serde_json::from_slice(&old).map_err(|e| LayoutError::BadFile {
+        path: index_path.clone(),
+        why: e.to_string(),
+    })?;
+    merge_entries(&mut index, refs);
+    write_atomically(&index_path, &content::canonical_json(&index))
 }
 
 fn merge_entries(index: &mut Value, refs: &[(String, Descriptor)]) {
