@@ -9,7 +9,10 @@ use common::*;
 fn bad_arguments_exit_3_and_name_the_argument() {
     for (args, needle) in [
         (vec!["copy", "./dir", "oci:/x"], "needs a transport"),
-        (vec!["inspect", "--platform", "linux", "oci:/x"], "invalid platform \"linux\""),
+        (
+            vec!["inspect", "--platform", "linux", "oci:/x"],
+            "invalid platform \"linux\"",
+        ),
         (vec!["inspect", "oci:/x:bad name"], "ref name \"bad name\""),
         (vec!["frobnicate"], "unrecognized subcommand"),
     ] {
@@ -23,9 +26,19 @@ fn bad_arguments_exit_3_and_name_the_argument() {
 #[test]
 fn registries_are_not_yet_supported_and_say_so() {
     let tmp = scratch();
-    let out = lathe(&["copy", "docker://127.0.0.1:1/x:y", &format!("oci:{}", tmp.path().join("o").display())]);
+    let out = lathe(&[
+        "copy",
+        "docker://127.0.0.1:1/x:y",
+        &format!("oci:{}", tmp.path().join("o").display()),
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("docker://127.0.0.1:1/x:y: reading from a registry (docker://) is not yet supported"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "docker://127.0.0.1:1/x:y: reading from a registry (docker://) is not yet supported"
+        ),
+        "{}",
+        stderr(&out)
+    );
     assert!(!tmp.path().join("o").exists());
 }
 
@@ -33,9 +46,17 @@ fn registries_are_not_yet_supported_and_say_so() {
 fn missing_inputs_are_named() {
     let out = lathe(&["inspect", "oci:/nonexistent/layout"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("/nonexistent/layout is not an OCI image layout"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/nonexistent/layout is not an OCI image layout"),
+        "{}",
+        stderr(&out)
+    );
     let out = lathe(&["inspect", "oci-archive:/nonexistent.tar"]);
-    assert!(stderr(&out).contains("oci-archive:/nonexistent.tar"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("oci-archive:/nonexistent.tar"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -66,19 +87,47 @@ fn completions_are_generated() {
 /// Every dependency (normal, build and dev) must be under a licence we accept.
 #[test]
 fn dependency_licences_are_accepted() {
-    let rustc = std::process::Command::new("rustc").arg("-vV").output().unwrap();
-    let host = String::from_utf8(rustc.stdout).unwrap().lines().find_map(|l| l.strip_prefix("host: ").map(str::to_string)).unwrap();
+    let rustc = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .unwrap();
+    let host = String::from_utf8(rustc.stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .unwrap();
     // The packages built for this host (the ones in lathe's binaries and tests).
     let out = std::process::Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--locked", "--offline", "--filter-platform", &host])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--locked",
+            "--offline",
+            "--filter-platform",
+            &host,
+        ])
         .current_dir(repo_root())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     const ACCEPTED: &[&str] = &[
-        "MIT", "Apache-2.0", "Apache-2.0 WITH LLVM-exception", "BSD-2-Clause", "BSD-3-Clause", "ISC", "Zlib",
-        "Unicode-3.0", "Unicode-DFS-2016", "Unlicense", "0BSD", "CC0-1.0", "BSL-1.0", "MPL-2.0", "CDLA-Permissive-2.0",
+        "MIT",
+        "Apache-2.0",
+        "Apache-2.0 WITH LLVM-exception",
+        "BSD-2-Clause",
+        "BSD-3-Clause",
+        "ISC",
+        "Zlib",
+        "Unicode-3.0",
+        "Unicode-DFS-2016",
+        "Unlicense",
+        "0BSD",
+        "CC0-1.0",
+        "BSL-1.0",
+        "MPL-2.0",
+        "CDLA-Permissive-2.0",
     ];
     let mut refused = Vec::new();
     for pkg in meta["packages"].as_array().unwrap() {
@@ -90,10 +139,16 @@ fn dependency_licences_are_accepted() {
         // An SPDX expression: every OR-alternative group must have at least one accepted
         // choice; AND terms must all be accepted.
         let normalized = licence.replace('/', " OR ").replace(['(', ')'], "");
-        let ok = normalized.split(" OR ").any(|alt| alt.split(" AND ").all(|term| ACCEPTED.contains(&term.trim())));
+        let ok = normalized.split(" OR ").any(|alt| {
+            alt.split(" AND ")
+                .all(|term| ACCEPTED.contains(&term.trim()))
+        });
         if !ok {
             refused.push(format!("{name}: {licence}"));
         }
     }
-    assert!(refused.is_empty(), "dependencies under licences we do not accept: {refused:#?}");
+    assert!(
+        refused.is_empty(),
+        "dependencies under licences we do not accept: {refused:#?}"
+    );
 }

@@ -30,21 +30,37 @@ fn main() -> Result<()> {
     let mut owners = Ownership::default();
     let mut images: Vec<ImageSpec> = Vec::new();
     while let Some(flag) = args.next() {
-        let value = args.next().with_context(|| format!("{flag} needs a value"))?;
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--output" => output = Some(value.parse::<ImageRef>()?),
             "--chown" => {
-                let (path, ids) = value.split_once('=').context("--chown takes PATH=UID:GID")?;
+                let (path, ids) = value
+                    .split_once('=')
+                    .context("--chown takes PATH=UID:GID")?;
                 let (uid, gid) = ids.split_once(':').context("--chown takes PATH=UID:GID")?;
                 owners.add(path, uid.parse()?, gid.parse()?);
             }
-            "--image" => images.push(ImageSpec { platform: value.parse()?, config: None, layers: vec![] }),
-            "--config" => images.last_mut().context("--config before --image")?.config = Some(value.into()),
-            "--layer" => images.last_mut().context("--layer before --image")?.layers.push(value.into()),
+            "--image" => images.push(ImageSpec {
+                platform: value.parse()?,
+                config: None,
+                layers: vec![],
+            }),
+            "--config" => {
+                images.last_mut().context("--config before --image")?.config = Some(value.into())
+            }
+            "--layer" => images
+                .last_mut()
+                .context("--layer before --image")?
+                .layers
+                .push(value.into()),
             other => bail!("unknown flag {other}"),
         }
     }
-    let Some(ImageRef::Layout { dir, name }) = output else { bail!("--output oci:DIR:REF is required") };
+    let Some(ImageRef::Layout { dir, name }) = output else {
+        bail!("--output oci:DIR:REF is required")
+    };
     let name = name.unwrap_or_else(|| "latest".into());
 
     let mut tx = Transaction::begin(&dir)?;
@@ -55,15 +71,23 @@ fn main() -> Result<()> {
         let mut history = Vec::new();
         for dir in &image.layers {
             let writer = tx.blob_writer()?;
-            let (layer, writer) = write_dir_layer(dir, &owners, writer).with_context(|| format!("layer {}", dir.display()))?;
+            let (layer, writer) = write_dir_layer(dir, &owners, writer)
+                .with_context(|| format!("layer {}", dir.display()))?;
             writer.finish(&mut tx)?;
             layers.push(Descriptor::new(layer.media_type, layer.size, layer.digest));
             diff_ids.push(layer.diff_id.to_string());
-            let base = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            history.push(json!({"created": CREATED, "created_by": format!("lathe testdata: {base} layer")}));
+            let base = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            history.push(
+                json!({"created": CREATED, "created_by": format!("lathe testdata: {base} layer")}),
+            );
         }
         let user_config: Value = match &image.config {
-            Some(path) => serde_json::from_slice(&std::fs::read(path).with_context(|| path.display().to_string())?)?,
+            Some(path) => serde_json::from_slice(
+                &std::fs::read(path).with_context(|| path.display().to_string())?,
+            )?,
             None => json!({}),
         };
         let mut config = json!({
@@ -84,7 +108,8 @@ fn main() -> Result<()> {
             "config": config_desc,
             "layers": layers,
         });
-        let mut manifest_desc = tx.write_bytes(&canonical_json(&manifest), MediaType::ImageManifest)?;
+        let mut manifest_desc =
+            tx.write_bytes(&canonical_json(&manifest), MediaType::ImageManifest)?;
         manifest_desc.set_platform(Some(image.platform.to_oci()));
         children.push((image.platform.clone(), manifest_desc));
     }

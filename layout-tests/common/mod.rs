@@ -21,8 +21,15 @@ pub fn repo_root() -> PathBuf {
 
 /// A scratch directory on tmpfs where there is one (ext4 on the CI machines is erratic).
 pub fn scratch() -> tempfile::TempDir {
-    let base = if Path::new("/dev/shm").is_dir() { "/dev/shm" } else { "/tmp" };
-    tempfile::Builder::new().prefix("lathe-test-").tempdir_in(base).unwrap()
+    let base = if Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    };
+    tempfile::Builder::new()
+        .prefix("lathe-test-")
+        .tempdir_in(base)
+        .unwrap()
 }
 
 /// Runs lathe with `args`; returns the output whatever the exit status.
@@ -31,13 +38,21 @@ pub fn lathe(args: &[&str]) -> Output {
 }
 
 pub fn lathe_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(lathe_bin()).args(args).current_dir(dir).output().expect("run lathe")
+    Command::new(lathe_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run lathe")
 }
 
 /// Runs lathe and fails the test unless it succeeds; returns stdout.
 pub fn lathe_ok(args: &[&str]) -> String {
     let out = lathe(args);
-    assert!(out.status.success(), "lathe {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "lathe {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -81,12 +96,21 @@ pub fn make_base_images(dest: &Path) {
         .env("MKIMAGE", mkimage_bin())
         .output()
         .expect("run make-base-images.sh");
-    assert!(out.status.success(), "make-base-images.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "make-base-images.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A copy of the fixture layout, for tests that write into it.
 pub fn fixture_copy(dest: &Path) {
-    let out = Command::new("cp").arg("-a").arg(fixtures()).arg(dest).output().unwrap();
+    let out = Command::new("cp")
+        .arg("-a")
+        .arg(fixtures())
+        .arg(dest)
+        .output()
+        .unwrap();
     assert!(out.status.success());
 }
 
@@ -99,10 +123,18 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, String> {
     }
     for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
         let entry = entry.unwrap();
-        let rel = entry.path().strip_prefix(dir).unwrap().display().to_string();
+        let rel = entry
+            .path()
+            .strip_prefix(dir)
+            .unwrap()
+            .display()
+            .to_string();
         let ft = entry.file_type();
         let value = if ft.is_symlink() {
-            format!("link:{}", std::fs::read_link(entry.path()).unwrap().display())
+            format!(
+                "link:{}",
+                std::fs::read_link(entry.path()).unwrap().display()
+            )
         } else if ft.is_file() {
             sha256_hex(&std::fs::read(entry.path()).unwrap())
         } else {
@@ -116,7 +148,10 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, String> {
 /// The JSON `skopeo inspect --raw` prints, parsed.
 pub fn skopeo_raw(reference: &str) -> (String, serde_json::Value) {
     let raw = tool("skopeo", &["inspect", "--raw", reference]);
-    (format!("sha256:{}", sha256_hex(raw.as_bytes())), serde_json::from_str(&raw).unwrap())
+    (
+        format!("sha256:{}", sha256_hex(raw.as_bytes())),
+        serde_json::from_str(&raw).unwrap(),
+    )
 }
 
 pub fn stderr(out: &Output) -> String {
