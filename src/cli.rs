@@ -51,6 +51,8 @@ pub enum Command {
     Copy(CopyArgs),
     /// Show an image or index: platforms, layers, config and Buildpacks labels
     Inspect(InspectArgs),
+    /// Unpack an image's root filesystem into a directory, rootless
+    Unpack(UnpackArgs),
     /// Remove blobs that no image in an OCI layout refers to
     Gc(GcArgs),
     /// Print a shell completion script
@@ -95,6 +97,21 @@ pub struct InspectArgs {
     /// Print the manifest or index exactly as stored
     #[arg(long)]
     pub raw: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UnpackArgs {
+    /// Image reference
+    #[arg(value_parser = parse_ref)]
+    pub image: ImageRef,
+    /// Directory to create (it must not exist, or be empty)
+    pub dir: PathBuf,
+    /// The platform to unpack from an index (default: the host's)
+    #[arg(long, value_name = "PLATFORM", value_parser = parse_platform)]
+    pub platform: Option<Platform>,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +171,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     out.write_all(inspect::render(&report).as_bytes())?;
                 }
+            }
+        }
+        Command::Unpack(args) => {
+            let source = image::open_source(&args.image)?;
+            let selection = image::Selection {
+                platforms: args.platform.into_iter().collect(),
+                single_image: true,
+            };
+            let resolved = image::resolve_selection(source.as_ref(), &selection)?;
+            if let Some(note) = &resolved.note
+                && !cli.global.quiet
+            {
+                eprintln!("{note}");
+            }
+            let report = crate::unpack::unpack(source.as_ref(), &resolved.root, &args.dir)?;
+            for warning in &report.warnings {
+                tracing::warn!("{warning}");
+            }
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if !cli.global.quiet {
+                eprintln!(
+                    "Unpacked {} ({} layers, {} entries) into {}",
+                    args.image,
+                    report.layers,
+                    report.entries,
+                    args.dir.display()
+                );
             }
         }
         Command::Gc(args) => {

@@ -13,3 +13,4 @@ pub mod layer;
 pub mod layout;
 pub mod platform;
 pub mod reference;
+pub mod unpack;

@@ -1,0 +1,366 @@
+//! `lathe unpack`: the same tree as `umoci unpack --rootless` for real images, and hostile
+//! layers refused with nothing outside the root touched.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use common::*;
+use lathe::content::{canonical_json, sha256_digest};
+use lathe::layout::{Transaction, refs_for};
+use oci_spec::image::{Descriptor, MediaType};
+use serde_json::json;
+
+/// Names, types, permission bits, symlink targets and contents of a tree.
+fn tree_facts(root: &Path) -> Vec<String> {
+    let mut facts = Vec::new();
+    for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
+        let entry = entry.unwrap();
+        let rel = entry
+            .path()
+            .strip_prefix(root)
+            .unwrap()
+            .display()
+            .to_string();
+        let meta = entry.path().symlink_metadata().unwrap();
+        let ft = meta.file_type();
+        let what = if ft.is_symlink() {
+            format!("link {}", fs::read_link(entry.path()).unwrap().display())
+        } else if ft.is_dir() {
+            format!("dir {:o}", meta.mode() & 0o7777)
+        } else {
+            format!(
+                "file {:o} {}",
+                meta.mode() & 0o7777,
+                sha256_hex(&fs::read(entry.path()).unwrap())
+            )
+        };
+        if !rel.is_empty() {
+            facts.push(format!("{rel}: {what}"));
+        }
+    }
+    facts
+}
+
+#[test]
+fn unpack_matches_umoci_for_both_fixture_platforms() {
+    let tmp = scratch();
+    let fx = fixtures();
+    for image in ["build", "run"] {
+        for arch in ["amd64", "arm64"] {
+            let mine = tmp.path().join(format!("lathe-{image}-{arch}"));
+            let theirs = tmp.path().join(format!("umoci-{image}-{arch}"));
+            lathe_ok(&[
+                "unpack",
+                "--platform",
+                &format!("linux/{arch}"),
+                &format!("oci:{}:{image}", fx.display()),
+                mine.to_str().unwrap(),
+            ]);
+            tool(
+                "umoci",
+                &[
+                    "unpack",
+                    "--rootless",
+                    "--image",
+                    &format!("{}:{image}-linux-{arch}", fx.display()),
+                    theirs.to_str().unwrap(),
+                ],
+            );
+            assert_eq!(
+                tree_facts(&mine),
+                tree_facts(&theirs.join("rootfs")),
+                "{image} {arch}"
+            );
+        }
+    }
+}
+
+/// Writes a single-layer image whose layer is the raw tar `layer` into a new layout.
+fn image_with_layers(dir: &Path, layers: &[Vec<u8>]) -> String {
+    let mut tx = Transaction::begin(dir).unwrap();
+    let mut descs = Vec::new();
+    for tar in layers {
+        descs.push(tx.write_bytes(tar, MediaType::ImageLayer).unwrap());
+    }
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| sha256_digest(l).to_string())
+        .collect();
+    let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}, "config": {}});
+    let config = tx
+        .write_bytes(&canonical_json(&config), MediaType::ImageConfig)
+        .unwrap();
+    let manifest = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config, "layers": descs});
+    let manifest: Descriptor = tx
+        .write_bytes(&canonical_json(&manifest), MediaType::ImageManifest)
+        .unwrap();
+    tx.commit(&refs_for("img", &manifest, &[])).unwrap();
+    format!("oci:{}:img", dir.display())
+}
+
+enum E<'a> {
+    Dir(&'a str),
+    ReadOnlyDir(&'a str),
+    File(&'a str, &'a [u8]),
+    Symlink(&'a str, &'a str),
+    Hardlink(&'a str, &'a str),
+}
+
+/// A tar with raw entry names (the tar crate's checked setters would refuse `..`).
+fn tar_of(entries: &[E]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o755);
+        h.set_mtime(315532801);
+        let (name, data): (&str, &[u8]) = match e {
+            E::Dir(n) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                (n, b"")
+            }
+            E::ReadOnlyDir(n) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o555);
+                (n, b"")
+            }
+            E::File(n, d) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                (n, d)
+            }
+            E::Symlink(n, t) | E::Hardlink(n, t) => {
+                h.set_entry_type(if matches!(e, E::Symlink(..)) {
+                    tar::EntryType::Symlink
+                } else {
+                    tar::EntryType::Link
+                });
+                h.as_old_mut().linkname[..t.len()].copy_from_slice(t.as_bytes());
+                (n, b"")
+            }
+        };
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn hostile_layers_touch_nothing_outside_the_root() {
+    let tmp = scratch();
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("sentinel"), b"untouched").unwrap();
+    fs::set_permissions(&outside, fs::Permissions::from_mode(0o777)).unwrap();
+    let out_path = outside.to_str().unwrap().to_string();
+    // (name, layers, the refusal expected, if the layer must be refused outright)
+    type Case<'a> = (&'a str, Vec<Vec<u8>>, Option<&'a str>);
+    let cases: Vec<Case> = vec![
+        (
+            "dotdot",
+            vec![tar_of(&[E::File("../outside/sentinel", b"pwned")])],
+            Some("climbs out of the root"),
+        ),
+        (
+            "deep-dotdot",
+            vec![tar_of(&[
+                E::Dir("a/"),
+                E::File("a/../../outside/x", b"pwned"),
+            ])],
+            Some("climbs out of the root"),
+        ),
+        (
+            "symlink-then-write",
+            vec![
+                tar_of(&[E::Symlink("evil", &out_path)]),
+                tar_of(&[E::File("evil/sentinel", b"pwned")]),
+            ],
+            None,
+        ),
+        (
+            "symlink-same-layer",
+            vec![tar_of(&[
+                E::Symlink("evil", &out_path),
+                E::File("evil/new", b"pwned"),
+            ])],
+            None,
+        ),
+        (
+            "relative-symlink-out",
+            vec![tar_of(&[
+                E::Symlink("up", "../../../.."),
+                E::File("up/outside/sentinel", b"pwned"),
+            ])],
+            None,
+        ),
+        (
+            "hardlink-out",
+            vec![tar_of(&[E::Hardlink("h", &format!("{out_path}/sentinel"))])],
+            None,
+        ),
+        (
+            "hardlink-dotdot",
+            vec![tar_of(&[E::Hardlink("h", "../outside/sentinel")])],
+            Some("climbs out of the root"),
+        ),
+        (
+            "whiteout-out",
+            vec![
+                tar_of(&[E::Symlink("evil", &out_path)]),
+                tar_of(&[E::File("evil/.wh.sentinel", b"")]),
+            ],
+            None,
+        ),
+        (
+            "opaque-out",
+            vec![
+                tar_of(&[E::Symlink("evil", &out_path)]),
+                tar_of(&[E::File("evil/.wh..wh..opq", b"")]),
+            ],
+            None,
+        ),
+    ];
+    for (name, layers, refused) in cases {
+        let image = image_with_layers(&tmp.path().join(format!("img-{name}")), &layers);
+        let target = tmp.path().join(format!("root-{name}"));
+        let out = lathe(&["unpack", &image, target.to_str().unwrap()]);
+        match refused {
+            Some(why) => {
+                assert_eq!(out.status.code(), Some(1), "{name}: {}", stderr(&out));
+                assert!(
+                    stderr(&out).contains(why) && stderr(&out).contains("layer sha256:"),
+                    "{name}: {}",
+                    stderr(&out)
+                );
+                assert!(!target.exists(), "{name}: no half-unpacked root");
+            }
+            None => {
+                // Either refused, or applied inside the root; never outside.
+                if out.status.success() {
+                    assert!(target.is_dir(), "{name}");
+                }
+            }
+        }
+        let entries: Vec<_> = fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, ["sentinel"], "{name}: nothing created outside");
+        assert_eq!(
+            fs::read(outside.join("sentinel")).unwrap(),
+            b"untouched",
+            "{name}"
+        );
+    }
+    let leftovers: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("lathe-unpack"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "staging directories left: {leftovers:?}"
+    );
+}
+
+#[test]
+fn whiteouts_replacements_and_read_only_dirs_give_the_right_tree() {
+    let tmp = scratch();
+    let lower = tar_of(&[
+        E::Dir("etc/"),
+        E::File("etc/motd", b"hello"),
+        E::File("etc/keep", b"keep"),
+        E::Dir("opaque/"),
+        E::File("opaque/old", b"old"),
+        E::Dir("becomes-file/"),
+        E::File("becomes-file/x", b"x"),
+        E::File("becomes-dir", b"file"),
+        E::Symlink("bin", "/usr/bin"),
+        E::Dir("usr/"),
+        E::Dir("usr/bin/"),
+        E::ReadOnlyDir("ro/"),
+        E::File("ro/inside", b"in a read-only dir"),
+    ]);
+    let upper = tar_of(&[
+        E::File("etc/.wh.motd", b""),
+        E::File("etc/.wh.never-existed", b""),
+        E::Dir("opaque/"),
+        E::File("opaque/new", b"new"),
+        E::File("opaque/.wh..wh..opq", b""),
+        E::File("becomes-file", b"now a file"),
+        E::Dir("becomes-dir/"),
+        E::File("bin/tool", b"through the in-image absolute symlink"),
+        E::Hardlink("etc/keep-link", "/etc/keep"),
+        E::File("ro/added-later", b"a later layer writes into it"),
+    ]);
+    let image = image_with_layers(&tmp.path().join("img"), &[lower, upper]);
+    let root = tmp.path().join("root");
+    lathe_ok(&["unpack", &image, root.to_str().unwrap()]);
+    assert!(!root.join("etc/motd").exists());
+    assert_eq!(fs::read(root.join("etc/keep")).unwrap(), b"keep");
+    assert!(
+        !root.join("opaque/old").exists(),
+        "opaque whiteout hides the lower layer"
+    );
+    assert_eq!(
+        fs::read(root.join("opaque/new")).unwrap(),
+        b"new",
+        "but not this layer's entries"
+    );
+    assert_eq!(fs::read(root.join("becomes-file")).unwrap(), b"now a file");
+    assert!(root.join("becomes-dir").is_dir());
+    assert_eq!(
+        fs::read(root.join("usr/bin/tool")).unwrap(),
+        b"through the in-image absolute symlink"
+    );
+    assert_eq!(
+        fs::read(root.join("ro/added-later")).unwrap(),
+        b"a later layer writes into it"
+    );
+    assert_eq!(
+        fs::metadata(root.join("ro")).unwrap().mode() & 0o777,
+        0o555,
+        "mode applied last"
+    );
+    let keep = fs::metadata(root.join("etc/keep")).unwrap();
+    assert_eq!(
+        keep.ino(),
+        fs::metadata(root.join("etc/keep-link")).unwrap().ino(),
+        "hardlink"
+    );
+}
+
+#[test]
+fn diff_id_mismatch_is_an_error_and_leaves_nothing() {
+    let tmp = scratch();
+    let layer = tar_of(&[E::File("a", b"a")]);
+    let dir = tmp.path().join("img");
+    let mut tx = Transaction::begin(&dir).unwrap();
+    let desc = tx.write_bytes(&layer, MediaType::ImageLayer).unwrap();
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [wrong]}});
+    let config = tx
+        .write_bytes(&canonical_json(&config), MediaType::ImageConfig)
+        .unwrap();
+    let manifest = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config, "layers": [desc]});
+    let manifest = tx
+        .write_bytes(&canonical_json(&manifest), MediaType::ImageManifest)
+        .unwrap();
+    tx.commit(&refs_for("img", &manifest, &[])).unwrap();
+    let target = tmp.path().join("root");
+    let out = lathe(&[
+        "unpack",
+        &format!("oci:{}:img", dir.display()),
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("not the diffID {wrong}")),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!target.exists());
+}
