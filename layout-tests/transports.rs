@@ -524,3 +524,30 @@ fn concurrent_writers_share_a_layout() {
         "no staging directories left beside the layout"
     );
 }
+
+#[test]
+fn outputs_are_readable_by_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = scratch();
+    let fx = fixtures();
+    let layout = tmp.path().join("l");
+    let archive = tmp.path().join("a.tar");
+    lathe_ok(&[
+        "copy",
+        &format!("oci:{}:run", fx.display()),
+        &format!("oci:{}:x", layout.display()),
+    ]);
+    lathe_ok(&[
+        "copy",
+        &format!("oci:{}:run", fx.display()),
+        &format!("oci-archive:{}", archive.display()),
+    ]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&layout), 0o755);
+    assert_eq!(mode(&archive), 0o644);
+    for (path, _) in snapshot(&layout) {
+        let p = layout.join(&path);
+        let want = if p.is_dir() { 0o755 } else { 0o644 };
+        assert_eq!(mode(&p), want, "{path}");
+    }
+}

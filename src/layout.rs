@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -28,6 +29,7 @@ pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 const LAYOUT_FILE: &str = "oci-layout";
 const INDEX_FILE: &str = "index.json";
 const STAGING_PREFIX: &str = ".lathe-staging-";
+const TMP_PREFIX: &str = ".lathe-tmp-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -186,7 +188,8 @@ impl Layout {
     }
 
     /// Removes every blob that no `index.json` entry reaches, and staging directories left by
-    /// killed writers. Returns the number of blobs removed and the bytes freed.
+    /// killed writers (inside the layout, and beside it for writers that were creating it).
+    /// Returns the number of blobs removed and the bytes freed.
     pub fn gc(&self) -> Result<(usize, u64)> {
         let _lock = self.lock()?;
         let mut live = BTreeSet::new();
@@ -220,20 +223,43 @@ impl Layout {
                 removed += 1;
             }
         }
+        remove_stale_staging(&self.dir, STAGING_PREFIX)?;
+        // Temp files of an index.json write killed mid-way (they are only written under the
+        // lock we hold, so none is live).
         for entry in fs::read_dir(&self.dir).map_err(io_err(&self.dir))? {
             let entry = entry.map_err(io_err(&self.dir))?;
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(STAGING_PREFIX)
-                && lock_dir(&entry.path(), FlockArg::LockExclusiveNonblock).is_ok()
+            if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX)
+                && entry.file_type().is_ok_and(|t| t.is_file())
             {
-                fs::remove_dir_all(entry.path()).map_err(io_err(&entry.path()))?;
+                fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
             }
+        }
+        // A writer killed while creating this layout left its staging directory beside it
+        // (see `Transaction::begin`); best effort, as the parent is not the layout's.
+        if let Ok(real) = fs::canonicalize(&self.dir)
+            && let (Some(parent), Some(name)) = (real.parent(), real.file_name())
+        {
+            let _ =
+                remove_stale_staging(parent, &format!(".{}.lathe-new-", name.to_string_lossy()));
         }
         sync_dir(&blobs)?;
         Ok((removed, freed))
     }
+}
+
+/// Removes the directories in `dir` whose names start with `prefix` and that no live writer
+/// holds locked (symlinks and files are left alone).
+fn remove_stale_staging(dir: &Path, prefix: &str) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        if entry.file_name().to_string_lossy().starts_with(prefix)
+            && entry.file_type().is_ok_and(|t| t.is_dir())
+            && lock_dir(&entry.path(), FlockArg::LockExclusiveNonblock).is_ok()
+        {
+            fs::remove_dir_all(entry.path()).map_err(io_err(&entry.path()))?;
+        }
+    }
+    Ok(())
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(
@@ -346,7 +372,8 @@ fn sync_dir(dir: &Path) -> Result<()> {
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
-        .prefix(".lathe-tmp-")
+        .prefix(TMP_PREFIX)
+        .permissions(fs::Permissions::from_mode(0o644))
         .tempfile_in(dir)
         .map_err(io_err(dir))?;
     tmp.write_all(bytes)
@@ -404,6 +431,7 @@ impl Transaction {
                     .unwrap_or_default();
                 tempfile::Builder::new()
                     .prefix(&format!(".{name}.lathe-new-"))
+                    .permissions(fs::Permissions::from_mode(0o755))
                     .tempdir_in(parent)
             }
         }
@@ -473,6 +501,7 @@ impl Transaction {
     pub fn blob_writer(&self) -> Result<BlobWriter> {
         let tmp = tempfile::Builder::new()
             .prefix(".partial-")
+            .permissions(fs::Permissions::from_mode(0o644))
             .tempfile_in(self.staging.path())
             .map_err(io_err(self.staging.path()))?;
         Ok(BlobWriter {

@@ -77,16 +77,28 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// The fixture base images (refs `build` and `run`, each an amd64+arm64 index), made once per
-/// test process. Tests copy from here and never write into it.
+/// test process under the target directory. Tests copy from here and never write into it.
+/// Statics are never dropped, so each process removes the fixtures of processes that are gone.
 pub fn fixtures() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| {
-        let tmp = scratch();
-        let images = tmp.path().join("images");
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name
+                .strip_prefix("fixtures-")
+                .and_then(|p| p.parse::<i32>().ok())
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let dir = base.join(format!("fixtures-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let images = dir.join("images");
         make_base_images(&images);
-        (tmp, images)
+        images
     })
-    .1
 }
 
 pub fn make_base_images(dest: &Path) {
