@@ -60,15 +60,20 @@ pub struct LayerReport {
     pub diff_id: Option<String>,
 }
 
+fn resolve(
+    source: &dyn ImageSource,
+    platforms: &[Platform],
+) -> Result<image::Resolved, ImageError> {
+    let selection = Selection {
+        platforms: platforms.to_vec(),
+        single_image: false,
+    };
+    image::resolve_selection(source, &selection)
+}
+
 /// The raw bytes of the manifest or index the reference (and platform) names.
 pub fn raw(source: &dyn ImageSource, platforms: &[Platform]) -> Result<Vec<u8>, ImageError> {
-    let resolved = image::resolve_selection(
-        source,
-        &Selection {
-            platforms: platforms.to_vec(),
-            single_image: false,
-        },
-    )?;
+    let resolved = resolve(source, platforms)?;
     match resolved.new_root_bytes {
         Some(bytes) => Ok(bytes),
         None => source.read_blob(&resolved.root),
@@ -76,13 +81,7 @@ pub fn raw(source: &dyn ImageSource, platforms: &[Platform]) -> Result<Vec<u8>, 
 }
 
 pub fn inspect(source: &dyn ImageSource, platforms: &[Platform]) -> Result<Report, ImageError> {
-    let resolved = image::resolve_selection(
-        source,
-        &Selection {
-            platforms: platforms.to_vec(),
-            single_image: false,
-        },
-    )?;
+    let resolved = resolve(source, platforms)?;
     let root = &resolved.root;
     let mut images = Vec::new();
     if content::kind_of(root.media_type()) == Kind::Index {
