@@ -364,3 +364,88 @@ fn diff_id_mismatch_is_an_error_and_leaves_nothing() {
     );
     assert!(!target.exists());
 }
+
+/// Rootless for real: as an unprivileged user with no capabilities (via setpriv when the tests
+/// run as root), the tree is the same and owners are recorded in `user.rootlesscontainers`.
+#[test]
+fn unpack_as_an_unprivileged_user_records_owners_in_xattrs() {
+    let tmp = scratch();
+    // The clone may sit where other users cannot read: work from a world-readable copy.
+    let work = tmp.path().join("world");
+    fs::create_dir(&work).unwrap();
+    fs::copy(lathe_bin(), work.join("lathe")).unwrap();
+    tool(
+        "cp",
+        &[
+            "-a",
+            fixtures().to_str().unwrap(),
+            work.join("images").to_str().unwrap(),
+        ],
+    );
+    tool("chmod", &["-R", "a+rX", tmp.path().to_str().unwrap()]);
+    fs::set_permissions(&work, fs::Permissions::from_mode(0o1777)).unwrap();
+    let as_root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = if as_root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ]);
+        c.arg(work.join("lathe"));
+        c
+    } else {
+        std::process::Command::new(work.join("lathe"))
+    };
+    let out = cmd
+        .args([
+            "unpack",
+            "--platform",
+            "linux/arm64",
+            "oci:images:build",
+            "rootfs",
+        ])
+        .current_dir(&work)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let root = work.join("rootfs");
+    let caller = if as_root {
+        65534
+    } else {
+        unsafe { libc::geteuid() }
+    };
+    assert_eq!(
+        fs::metadata(root.join("home/cnb")).unwrap().uid(),
+        caller,
+        "files belong to the caller"
+    );
+    let xattr = |p: &str| {
+        let out = std::process::Command::new("python3")
+            .args(["-c", &format!("import os,sys; sys.stdout.write(os.getxattr({:?}, 'user.rootlesscontainers').hex())", root.join(p).display().to_string())])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(xattr("home/cnb"), "08e80710e807", "1000:1000 recorded");
+    assert_eq!(xattr("home/cnb-run"), "08e90710e807", "1001:1000 recorded");
+    assert_eq!(
+        xattr("bin/busybox"),
+        "",
+        "root-owned entries carry no xattr"
+    );
+    let theirs = tmp.path().join("umoci");
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--rootless",
+            "--image",
+            &format!("{}:build-linux-arm64", fixtures().display()),
+            theirs.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(tree_facts(&root), tree_facts(&theirs.join("rootfs")));
+}
