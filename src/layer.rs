@@ -53,12 +53,13 @@ pub struct WrittenLayer {
 pub fn write_dir_layer<W: Write>(
     dir: &Path,
     owners: &Ownership,
+    compression: LayerCompression,
     out: W,
 ) -> io::Result<(WrittenLayer, W)> {
-    let blob = HashingWriter::new(out);
-    let gz =
-        flate2::write::GzEncoder::new(Chunker::new(blob, GZIP_CHUNK), flate2::Compression::new(6));
-    let mut tar = tar::Builder::new(HashingWriter::new(BufWriter::with_capacity(GZIP_CHUNK, gz)));
+    let encoder = Encoder::new(HashingWriter::new(out), compression)?;
+    let mut tar = tar::Builder::new(HashingWriter::new(BufWriter::with_capacity(
+        GZIP_CHUNK, encoder,
+    )));
     tar.follow_symlinks(false);
     let walker = walkdir::WalkDir::new(dir)
         .min_depth(1)
@@ -74,18 +75,120 @@ pub fn write_dir_layer<W: Write>(
     }
     let tar_hasher = tar.into_inner()?;
     let (diff_id, _, buffered) = tar_hasher.finish();
-    let gz = buffered.into_inner().map_err(|e| e.into_error())?;
-    let chunker = gz.finish()?;
-    let (digest, size, out) = chunker.finish()?.finish();
+    let encoder = buffered.into_inner().map_err(|e| e.into_error())?;
+    let (digest, size, out) = encoder.finish()?.finish();
+    let media_type = match compression.kind {
+        Compression::Gzip => MediaType::ImageLayerGzip,
+        Compression::Zstd => MediaType::ImageLayerZstd,
+        Compression::None => MediaType::ImageLayer,
+    };
     Ok((
         WrittenLayer {
             digest,
             size,
             diff_id,
-            media_type: MediaType::ImageLayerGzip,
+            media_type,
         },
         out,
     ))
+}
+
+/// `--compression gzip[:LEVEL]|zstd[:LEVEL]|none`; gzip level 6 is the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerCompression {
+    pub kind: Compression,
+    pub level: i32,
+}
+
+impl Default for LayerCompression {
+    fn default() -> Self {
+        LayerCompression {
+            kind: Compression::Gzip,
+            level: 6,
+        }
+    }
+}
+
+impl std::str::FromStr for LayerCompression {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (name, level) = match text.split_once(':') {
+            Some((n, l)) => (n, Some(l)),
+            None => (text, None),
+        };
+        let (kind, default, range) = match name {
+            "gzip" => (Compression::Gzip, 6, 1..=9),
+            "zstd" => (Compression::Zstd, 3, 1..=19),
+            "none" if level.is_none() => (Compression::None, 0, 0..=0),
+            _ => {
+                return Err(format!(
+                    "compression {text:?}: use gzip[:1-9], zstd[:1-19] or none"
+                ));
+            }
+        };
+        let level = match level {
+            None => default,
+            Some(l) => l
+                .parse()
+                .ok()
+                .filter(|l| range.contains(l))
+                .ok_or_else(|| format!("compression {text:?}: level must be in {range:?}"))?,
+        };
+        Ok(LayerCompression { kind, level })
+    }
+}
+
+/// The compressor in a layer pipeline. zstd always runs with at least one worker thread:
+/// single-threaded mode gives different bytes, and 1, 2 or 4 workers give the same ones.
+enum Encoder<W: Write> {
+    Gzip(flate2::write::GzEncoder<Chunker<W>>),
+    Zstd(zstd::Encoder<'static, W>),
+    None(W),
+}
+
+impl<W: Write> Encoder<W> {
+    fn new(out: W, c: LayerCompression) -> io::Result<Self> {
+        Ok(match c.kind {
+            Compression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
+                Chunker::new(out, GZIP_CHUNK),
+                flate2::Compression::new(c.level as u32),
+            )),
+            Compression::Zstd => {
+                let mut z = zstd::Encoder::new(out, c.level)?;
+                let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+                z.multithread(workers.max(1) as u32)?;
+                Encoder::Zstd(z)
+            }
+            Compression::None => Encoder::None(out),
+        })
+    }
+
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Encoder::Gzip(g) => g.finish()?.finish(),
+            Encoder::Zstd(z) => z.finish(),
+            Encoder::None(w) => Ok(w),
+        }
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Encoder::Gzip(g) => g.write(buf),
+            Encoder::Zstd(z) => z.write(buf),
+            Encoder::None(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::Gzip(g) => g.flush(),
+            Encoder::Zstd(z) => z.flush(),
+            Encoder::None(w) => w.flush(),
+        }
+    }
 }
 
 fn append_entry<W: Write>(
@@ -236,8 +339,9 @@ mod tests {
         tree(b.path(), 99_999);
         let mut owners = Ownership::default();
         owners.add("/home/cnb", 1000, 1000);
-        let (la, bytes) = write_dir_layer(a.path(), &owners, Vec::new()).unwrap();
-        let (lb, _) = write_dir_layer(b.path(), &owners, Vec::new()).unwrap();
+        let gzip = LayerCompression::default();
+        let (la, bytes) = write_dir_layer(a.path(), &owners, gzip, Vec::new()).unwrap();
+        let (lb, _) = write_dir_layer(b.path(), &owners, gzip, Vec::new()).unwrap();
         assert_eq!(
             (la.digest.clone(), la.diff_id.clone()),
             (lb.digest, lb.diff_id)
@@ -272,6 +376,43 @@ mod tests {
         assert_eq!(seen[3].1, 0);
         assert_eq!(seen[4].1, 1000);
         assert_eq!(seen[6].1, 1000);
+    }
+
+    #[test]
+    fn zstd_layers_are_deterministic_and_share_the_diff_id() {
+        let a = tempfile::tempdir().unwrap();
+        tree(a.path(), 0);
+        let owners = Ownership::default();
+        let zstd: LayerCompression = "zstd:3".parse().unwrap();
+        let (z1, bytes) = write_dir_layer(a.path(), &owners, zstd, Vec::new()).unwrap();
+        let (z2, _) = write_dir_layer(a.path(), &owners, zstd, Vec::new()).unwrap();
+        let (g, _) =
+            write_dir_layer(a.path(), &owners, LayerCompression::default(), Vec::new()).unwrap();
+        let (n, raw) =
+            write_dir_layer(a.path(), &owners, "none".parse().unwrap(), Vec::new()).unwrap();
+        assert_eq!(z1.digest, z2.digest);
+        assert_eq!(z1.media_type, MediaType::ImageLayerZstd);
+        assert_eq!(z1.diff_id, g.diff_id, "same tar whatever the compressor");
+        assert_eq!(n.digest, n.diff_id);
+        let mut tar = Vec::new();
+        decompress(&bytes[..], Compression::Zstd)
+            .unwrap()
+            .read_to_end(&mut tar)
+            .unwrap();
+        assert_eq!(tar, raw);
+    }
+
+    #[test]
+    fn compression_flag_parsing() {
+        assert_eq!(
+            "gzip".parse::<LayerCompression>().unwrap(),
+            LayerCompression::default()
+        );
+        assert_eq!("zstd:19".parse::<LayerCompression>().unwrap().level, 19);
+        for bad in ["gzip:0", "gzip:x", "brotli", "none:1", "zstd:20"] {
+            let err = bad.parse::<LayerCompression>().unwrap_err();
+            assert!(err.contains(bad), "{err}");
+        }
     }
 
     #[test]

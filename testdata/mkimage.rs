@@ -71,7 +71,7 @@ fn main() -> Result<()> {
         let mut history = Vec::new();
         for dir in &image.layers {
             let writer = tx.blob_writer()?;
-            let (layer, writer) = write_dir_layer(dir, &owners, writer)
+            let (layer, writer) = write_dir_layer(dir, &owners, Default::default(), writer)
                 .with_context(|| format!("layer {}", dir.display()))?;
             writer.finish(&mut tx)?;
             layers.push(Descriptor::new(layer.media_type, layer.size, layer.digest));
