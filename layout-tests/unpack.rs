@@ -449,3 +449,50 @@ fn unpack_as_an_unprivileged_user_records_owners_in_xattrs() {
     );
     assert_eq!(tree_facts(&root), tree_facts(&theirs.join("rootfs")));
 }
+
+/// The synthetic benchmark image at a reduced size (small files, large files, symlinks,
+/// whiteouts and an opaque directory across three layers): the same tree as umoci's.
+#[test]
+fn unpack_matches_umoci_on_the_synthetic_image() {
+    let tmp = scratch();
+    let layout = tmp.path().join("img");
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("testdata/make-synthetic-image.sh"))
+        .arg(&layout)
+        .env("MKIMAGE", mkimage_bin())
+        .env("SIZE_MB", "8")
+        .env("SMALL_FILES", "10200")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mine = tmp.path().join("lathe");
+    let theirs = tmp.path().join("umoci");
+    lathe_ok(&[
+        "unpack",
+        &format!("oci:{}:synthetic", layout.display()),
+        mine.to_str().unwrap(),
+    ]);
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--rootless",
+            "--image",
+            &format!("{}:synthetic-linux-amd64", layout.display()),
+            theirs.to_str().unwrap(),
+        ],
+    );
+    let facts = tree_facts(&mine);
+    assert_eq!(facts, tree_facts(&theirs.join("rootfs")));
+    assert!(
+        !mine.join("app/pkg000/file00000.txt").exists(),
+        "whiteout applied"
+    );
+    assert!(mine.join("app/pkg000/file00001.txt").exists());
+    assert!(
+        mine.join("app/pkg050/replaced.txt").exists()
+            && !mine.join("app/pkg050/file10000.txt").exists(),
+        "opaque dir"
+    );
+    assert!(facts.len() > 10_000, "{}", facts.len());
+}
