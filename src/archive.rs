@@ -639,13 +639,8 @@ impl ImageSink for DockerArchiveSink {
             (_, Some(compression)) => {
                 // A tar header needs the size up front, so the layer is decompressed into a
                 // temp file first, hashing it for the diffID on the way.
-                let mut tmp = tempfile::tempfile_in(
-                    self.dest
-                        .parent()
-                        .filter(|p| !p.as_os_str().is_empty())
-                        .unwrap_or(Path::new(".")),
-                )
-                .map_err(|e| self.err(e.to_string()))?;
+                let mut tmp = tempfile::tempfile_in(crate::layout::parent_dir(&self.dest))
+                    .map_err(|e| self.err(e.to_string()))?;
                 let mut hashing = HashingWriter::new(BufWriter::new(&mut tmp));
                 let what = format!("layer {}", desc.digest());
                 io::copy(
@@ -757,10 +752,7 @@ fn temp_beside(
     dest: &Path,
     transport: &'static str,
 ) -> Result<tempfile::NamedTempFile, ArchiveError> {
-    let dir = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = crate::layout::parent_dir(dest);
     if dest.is_dir() {
         return Err(archive_err(transport, dest, "is a directory".into()));
     }
@@ -792,10 +784,7 @@ fn persist(
         .map_err(|e| err(e.error().to_string()))?;
     tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
     tmp.persist(dest).map_err(|e| err(e.error.to_string()))?;
-    let dir = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = crate::layout::parent_dir(dest);
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| err(e.to_string()))

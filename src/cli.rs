@@ -146,6 +146,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Copy(args) => {
             let report = image::copy(&args.source, &args.destination, &args.platforms.platform)?;
+            if let Some(note) = &report.note
+                && !cli.global.quiet
+            {
+                eprintln!("{note}");
+            }
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if !cli.global.quiet {

@@ -260,6 +260,9 @@ pub struct CopyReport {
     pub platforms: Vec<String>,
     pub blobs_copied: usize,
     pub bytes_copied: u64,
+    /// A choice lathe made for the user (such as picking the host platform of an index).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 /// The root to write after applying `selection` to `source`: an existing descriptor, or (when
@@ -418,10 +421,6 @@ pub fn copy(
         single_image: matches!(dst, ImageRef::DockerArchive { .. }),
     };
     let resolved = resolve_selection(source.as_ref(), &selection)?;
-    if let Some(note) = &resolved.note {
-        tracing::info!("{note}");
-        eprintln!("{note}");
-    }
     let mut sink = open_sink(dst)?;
     let mut copier = Copier {
         source: source.as_ref(),
@@ -452,6 +451,7 @@ pub fn copy(
             .collect(),
         blobs_copied: blobs,
         bytes_copied: bytes,
+        note: resolved.note,
     })
 }
 

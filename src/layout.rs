@@ -351,6 +351,13 @@ pub fn with_ref_name(desc: &Descriptor, name: &str) -> Descriptor {
     desc
 }
 
+/// The directory `path` sits in ("." for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
 fn blob_path_in(dir: &Path, digest: &Digest) -> PathBuf {
     dir.join("blobs")
         .join(digest.algorithm().to_string())
@@ -421,10 +428,7 @@ impl Transaction {
                 .prefix(STAGING_PREFIX)
                 .tempdir_in(&target),
             None => {
-                let parent = match target.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => p,
-                    _ => Path::new("."),
-                };
+                let parent = parent_dir(&target);
                 let name = target
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
@@ -535,8 +539,7 @@ impl Transaction {
                     return merge_into(&layout, &root.join("blobs/sha256"), &self.staged, refs);
                 }
                 let _ = self.staging.keep();
-                let parent = self.target.parent().filter(|p| !p.as_os_str().is_empty());
-                sync_dir(parent.unwrap_or(Path::new(".")))
+                sync_dir(parent_dir(&self.target))
             }
         }
     }
