@@ -196,8 +196,32 @@ impl Unpacker {
             ))
         })?;
         let blob = source.open_blob(desc)?;
-        let tar_stream =
-            layer::decompress(blob, compression).map_err(|e| layer_err(e.to_string()))?;
+        // Decompression runs on its own thread, a bounded channel ahead of the file writes.
+        std::thread::scope(|scope| {
+            let (sender, receiver) = std::sync::mpsc::sync_channel(DECODE_QUEUE);
+            scope.spawn(move || decode_into(blob, compression, sender));
+            let tar_stream = ChannelReader {
+                receiver,
+                chunk: Vec::new(),
+                pos: 0,
+            };
+            self.apply_tar(tar_stream, &layer_name, diff_id)
+        })?;
+        self.report.layers += 1;
+        self.report.bytes += desc.size();
+        Ok(())
+    }
+
+    fn apply_tar(
+        &mut self,
+        tar_stream: impl Read,
+        layer_name: &str,
+        diff_id: &str,
+    ) -> Result<(), UnpackError> {
+        let layer_err = |why: String| UnpackError::Layer {
+            layer: layer_name.to_string(),
+            why,
+        };
         let mut archive = tar::Archive::new(HashingReader {
             inner: tar_stream,
             hasher: Sha256::new(),
@@ -208,7 +232,7 @@ impl Unpacker {
             let raw = entry.path_bytes().into_owned();
             let raw_name = String::from_utf8_lossy(&raw).into_owned();
             let entry_err = |why: String| UnpackError::Entry {
-                layer: layer_name.clone(),
+                layer: layer_name.to_string(),
                 entry: raw_name.clone(),
                 why,
             };
@@ -230,8 +254,6 @@ impl Unpacker {
                 "its uncompressed content hashes to {actual}, not the diffID {diff_id} the config gives"
             )));
         }
-        self.report.layers += 1;
-        self.report.bytes += desc.size();
         Ok(())
     }
 
@@ -466,6 +488,83 @@ impl Unpacker {
                 .map_err(io)?;
         }
         Ok(())
+    }
+}
+
+/// Chunks of decompressed layer in flight between the decoding thread and the writer.
+const DECODE_QUEUE: usize = 8;
+const DECODE_CHUNK: usize = 256 * 1024;
+
+/// Decompresses `blob` into `sender` in fixed-size chunks; an error is sent as the last item.
+/// Stops quietly when the receiving side has gone (it failed and dropped the channel).
+fn decode_into(
+    blob: Box<dyn Read + Send + '_>,
+    compression: content::Compression,
+    sender: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
+) {
+    let mut reader = match layer::decompress(blob, compression) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = sender.send(Err(e));
+            return;
+        }
+    };
+    loop {
+        let mut chunk = vec![0u8; DECODE_CHUNK];
+        let mut filled = 0;
+        let result = loop {
+            match reader.read(&mut chunk[filled..]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    filled += n;
+                    if filled == chunk.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        if filled > 0 {
+            chunk.truncate(filled);
+            if sender.send(Ok(chunk)).is_err() {
+                return;
+            }
+        }
+        match result {
+            Err(e) => {
+                let _ = sender.send(Err(e));
+                return;
+            }
+            Ok(()) if filled < DECODE_CHUNK => return,
+            Ok(()) => {}
+        }
+    }
+}
+
+/// Reads the chunks [`decode_into`] sends; the channel closing is the end of the stream.
+struct ChannelReader {
+    receiver: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.receiver.recv() {
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
