@@ -756,12 +756,8 @@ fn temp_beside(
     if dest.is_dir() {
         return Err(archive_err(transport, dest, "is a directory".into()));
     }
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     tempfile::Builder::new()
-        .prefix(&format!(".{name}.lathe-"))
+        .prefix(&crate::layout::sibling_temp_prefix(dest, "archive"))
         .permissions(std::fs::Permissions::from_mode(0o644))
         .tempfile_in(dir)
         .map_err(|e| {

@@ -30,6 +30,8 @@ const LAYOUT_FILE: &str = "oci-layout";
 const INDEX_FILE: &str = "index.json";
 const STAGING_PREFIX: &str = ".lathe-staging-";
 const TMP_PREFIX: &str = ".lathe-tmp-";
+/// Tag of the staging directory a writer creating a new layout makes beside it.
+const NEW_LAYOUT_TAG: &str = "new";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -237,10 +239,9 @@ impl Layout {
         // A writer killed while creating this layout left its staging directory beside it
         // (see `Transaction::begin`); best effort, as the parent is not the layout's.
         if let Ok(real) = fs::canonicalize(&self.dir)
-            && let (Some(parent), Some(name)) = (real.parent(), real.file_name())
+            && let Some(parent) = real.parent()
         {
-            let _ =
-                remove_stale_staging(parent, &format!(".{}.lathe-new-", name.to_string_lossy()));
+            let _ = remove_stale_staging(parent, &sibling_temp_prefix(&real, NEW_LAYOUT_TAG));
         }
         sync_dir(&blobs)?;
         Ok((removed, freed))
@@ -351,6 +352,16 @@ pub fn with_ref_name(desc: &Descriptor, name: &str) -> Descriptor {
     desc
 }
 
+/// The prefix of a temporary file or directory made beside `path` while it is being written:
+/// `.NAME.lathe-TAG-`. Hidden, and recognisable by gc.
+pub fn sibling_temp_prefix(path: &Path, tag: &str) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(".{name}.lathe-{tag}-")
+}
+
 /// The directory `path` sits in ("." for a bare file name).
 pub fn parent_dir(path: &Path) -> &Path {
     path.parent()
@@ -427,17 +438,10 @@ impl Transaction {
             Some(_) => tempfile::Builder::new()
                 .prefix(STAGING_PREFIX)
                 .tempdir_in(&target),
-            None => {
-                let parent = parent_dir(&target);
-                let name = target
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                tempfile::Builder::new()
-                    .prefix(&format!(".{name}.lathe-new-"))
-                    .permissions(fs::Permissions::from_mode(0o755))
-                    .tempdir_in(parent)
-            }
+            None => tempfile::Builder::new()
+                .prefix(&sibling_temp_prefix(&target, NEW_LAYOUT_TAG))
+                .permissions(fs::Permissions::from_mode(0o755))
+                .tempdir_in(parent_dir(&target)),
         }
         .map_err(io_err(&target))?;
         let staging_lock = lock_dir(staging.path(), FlockArg::LockExclusive)?;

@@ -114,12 +114,8 @@ pub fn unpack(
         }
     }
     let parent = crate::layout::parent_dir(target);
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let staging = tempfile::Builder::new()
-        .prefix(&format!(".{name}.lathe-unpack-"))
+        .prefix(&crate::layout::sibling_temp_prefix(target, "unpack"))
         .tempdir_in(parent)
         .map_err(|e| UnpackError::Io {
             path: parent.to_path_buf(),
