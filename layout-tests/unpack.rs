@@ -496,3 +496,41 @@ fn unpack_matches_umoci_on_the_synthetic_image() {
     );
     assert!(facts.len() > 10_000, "{}", facts.len());
 }
+
+#[test]
+fn a_directory_in_several_layers_takes_the_last_layers_mode() {
+    let tmp = scratch();
+    let lower = tar_of(&[E::ReadOnlyDir("d/"), E::File("d/x", b"x")]);
+    let upper = tar_of(&[E::Dir("d/")]);
+    let image = image_with_layers(&tmp.path().join("img"), &[lower, upper]);
+    let root = tmp.path().join("root");
+    lathe_ok(&["unpack", &image, root.to_str().unwrap()]);
+    assert_eq!(fs::metadata(root.join("d")).unwrap().mode() & 0o777, 0o755);
+}
+
+#[test]
+fn an_opaque_whiteout_hides_lower_contents_of_children_this_layer_recreates() {
+    let tmp = scratch();
+    let lower = tar_of(&[
+        E::Dir("a/"),
+        E::Dir("a/b/"),
+        E::File("a/b/old", b"old"),
+        E::File("a/gone", b"gone"),
+    ]);
+    // The marker after the entries it must keep, which tar writers are free to do.
+    let upper = tar_of(&[
+        E::Dir("a/"),
+        E::Dir("a/b/"),
+        E::File("a/b/new", b"new"),
+        E::File("a/.wh..wh..opq", b""),
+    ]);
+    let image = image_with_layers(&tmp.path().join("img"), &[lower, upper]);
+    let root = tmp.path().join("root");
+    lathe_ok(&["unpack", &image, root.to_str().unwrap()]);
+    assert!(!root.join("a/gone").exists());
+    assert!(
+        !root.join("a/b/old").exists(),
+        "lower content under a re-created child is hidden too"
+    );
+    assert_eq!(fs::read(root.join("a/b/new")).unwrap(), b"new");
+}

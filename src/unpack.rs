@@ -14,7 +14,7 @@
 //! The image is unpacked into a temporary sibling of the target, renamed into place only when
 //! every layer succeeded, and removed otherwise.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, Permissions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -424,6 +424,8 @@ impl Unpacker {
     }
 
     /// An opaque whiteout: removes every child of `dir` that this layer did not create.
+    /// An opaque whiteout: hides everything lower layers put under `dir`. What this layer
+    /// created stays; in a directory this layer (re)created, lower contents go too.
     fn clear_dir(&mut self, dir: &str, created: &HashSet<String>) -> Result<(), String> {
         let handle = match self
             .root
@@ -434,7 +436,7 @@ impl Unpacker {
             Err(e) => return Err(chain(&e)),
         };
         let Ok(file) = handle.reopen(OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY) else {
-            return Ok(());
+            return Ok(()); // not a directory: nothing below it to hide
         };
         let listing = fs::read_dir(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .map_err(|e| e.to_string())?;
@@ -445,27 +447,23 @@ impl Unpacker {
                 self.root
                     .remove_all(&rel)
                     .map_err(|e| format!("opaque whiteout of {rel}: {}", chain(&e)))?;
+            } else if child.file_type().is_ok_and(|t| t.is_dir()) {
+                self.clear_dir(&rel, created)?;
             }
         }
         Ok(())
     }
 
     fn finish_dirs(&mut self) -> Result<(), UnpackError> {
-        self.dir_modes
-            .sort_by_key(|(p, _, _)| std::cmp::Reverse(p.matches('/').count()));
-        let mut seen = HashSet::new();
-        for (path, mode, mtime) in self
-            .dir_modes
-            .iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-        {
-            // A directory listed in several layers takes its last mode.
-            if !seen.insert(path.clone()) {
-                continue;
-            }
+        // A directory listed in several layers takes its last mode; then deepest first, so a
+        // read-only parent is made read-only after its children.
+        let mut last: HashMap<&str, (u32, u64)> = HashMap::new();
+        for (path, mode, mtime) in &self.dir_modes {
+            last.insert(path, (*mode, *mtime));
+        }
+        let mut dirs: Vec<_> = last.into_iter().collect();
+        dirs.sort_by_key(|(p, _)| (std::cmp::Reverse(p.matches('/').count()), *p));
+        for (path, (mode, mtime)) in dirs {
             let Ok(dir) = self
                 .root
                 .resolve_nofollow(path)
@@ -473,12 +471,12 @@ impl Unpacker {
             else {
                 continue; // removed by a later whiteout, or replaced by a file
             };
-            let applied = if self.as_root { *mode } else { *mode & 0o1777 };
+            let applied = if self.as_root { mode } else { mode & 0o1777 };
             let io = |e: io::Error| UnpackError::Io {
                 path: PathBuf::from(path),
                 source: e,
             };
-            dir.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(*mtime))
+            dir.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime))
                 .map_err(io)?;
             dir.set_permissions(Permissions::from_mode(applied))
                 .map_err(io)?;
