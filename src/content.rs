@@ -97,11 +97,6 @@ pub fn check_descriptor(desc: &Descriptor) -> Result<(), String> {
     parse_sha256(desc.digest().as_ref()).map(|_| ())
 }
 
-/// The hex part of a sha256 digest.
-pub fn hex_of(digest: &Digest) -> &str {
-    digest.digest()
-}
-
 /// Canonical JSON: keys sorted, compact. Everything lathe creates and hashes goes through here.
 pub fn canonical_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     // serde_json's Map is a BTreeMap unless `preserve_order` is enabled somewhere in the
@@ -192,18 +187,6 @@ impl<W: Write> HashingWriter<W> {
             hasher: Sha256::new(),
             written: 0,
         }
-    }
-
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    pub fn get_ref(&self) -> &W {
-        &self.inner
-    }
-
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
     }
 
     /// The digest and length of everything written, and the inner writer.

@@ -50,17 +50,6 @@ pub enum ImageRef {
     },
 }
 
-impl ImageRef {
-    pub fn transport(&self) -> &'static str {
-        match self {
-            ImageRef::Registry(_) => "docker",
-            ImageRef::Layout { .. } => "oci",
-            ImageRef::OciArchive { .. } => "oci-archive",
-            ImageRef::DockerArchive { .. } => "docker-archive",
-        }
-    }
-}
-
 impl FromStr for ImageRef {
     type Err = ReferenceError;
 
