@@ -534,3 +534,52 @@ fn an_opaque_whiteout_hides_lower_contents_of_children_this_layer_recreates() {
     );
     assert_eq!(fs::read(root.join("a/b/new")).unwrap(), b"new");
 }
+
+#[test]
+fn a_non_empty_target_is_refused_and_left_alone() {
+    let tmp = scratch();
+    let target = tmp.path().join("busy");
+    fs::create_dir(&target).unwrap();
+    fs::write(target.join("mine"), b"keep me").unwrap();
+    let out = lathe(&[
+        "unpack",
+        "--platform",
+        "linux/amd64",
+        &format!("oci:{}:run", fixtures().display()),
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!(
+            "{} exists and is not an empty directory",
+            target.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    let entries: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, ["busy"]);
+    assert_eq!(
+        snapshot(&target).len(),
+        2,
+        "only the directory and its one file"
+    );
+    // A platform the index lacks names what it has.
+    let out = lathe(&[
+        "unpack",
+        "--platform",
+        "linux/riscv64",
+        &format!("oci:{}:run", fixtures().display()),
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no linux/riscv64 image (it has: linux/amd64, linux/arm64)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!tmp.path().join("x").exists());
+}
