@@ -17,9 +17,16 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, Permissions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use nix::sys::time::TimeSpec;
 
 use oci_spec::image::Descriptor;
 use pathrs::flags::OpenFlags;
@@ -134,6 +141,10 @@ pub fn unpack(
 
     let mut unpacker = Unpacker {
         root,
+        dirs: DirCache {
+            open: HashMap::new(),
+        },
+        copy_buffer: vec![0; 256 * 1024],
         dir_modes: Vec::new(),
         report: UnpackReport::default(),
         as_root: nix::unistd::geteuid().is_root(),
@@ -153,10 +164,57 @@ pub fn unpack(
 
 struct Unpacker {
     root: Root,
+    /// Open directories by path, so that most entries cost one `openat` of their final name.
+    dirs: DirCache,
     /// Directories whose mode and mtime are applied at the end, deepest first.
     dir_modes: Vec<(String, u32, u64)>,
     report: UnpackReport,
     as_root: bool,
+    copy_buffer: Vec<u8>,
+}
+
+/// An entry's owner and full mode, as its tar header gives them.
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    uid: u64,
+    gid: u64,
+    mode: u32,
+}
+
+/// The xattrs lathe itself writes in rootless mode.
+const ROOTLESS_XATTR: &str = "user.rootlesscontainers";
+const MODE_XATTR: &str = "user.lathe.mode";
+
+/// Directories already resolved inside the root, by their path in the image.
+///
+/// A cached descriptor stays right while nothing above it changes. Removing or replacing a
+/// directory or a symlink can change what a path resolves to (a cached `bin` may have been
+/// reached through `bin -> usr/bin`), so every such removal empties the whole cache; files
+/// replacing files, the common case, keep it.
+struct DirCache {
+    open: HashMap<String, Rc<OwnedFd>>,
+}
+
+impl DirCache {
+    /// Keeps the process well under the usual limit of 1024 open files.
+    const CAPACITY: usize = 256;
+
+    fn get(&self, path: &str) -> Option<Rc<OwnedFd>> {
+        self.open.get(path).cloned()
+    }
+
+    fn insert(&mut self, path: String, fd: OwnedFd) -> Rc<OwnedFd> {
+        if self.open.len() >= Self::CAPACITY {
+            self.open.clear();
+        }
+        let fd = Rc::new(fd);
+        self.open.insert(path, Rc::clone(&fd));
+        fd
+    }
+
+    fn clear(&mut self) {
+        self.open.clear();
+    }
 }
 
 /// A reader that hashes what passes through it (for the diffID).
@@ -263,12 +321,13 @@ impl Unpacker {
             Some((p, b)) => (p, b),
             None => ("", path),
         };
-        let pe = |e: pathrs::error::Error| chain(&e);
         if base == ".wh..wh..opq" {
+            self.dirs.clear();
             return self.clear_dir(parent, created);
         }
         if let Some(hidden) = base.strip_prefix(".wh.") {
             let victim = join(parent, hidden);
+            self.dirs.clear();
             return match self.root.remove_all(&victim) {
                 Ok(()) => Ok(()),
                 Err(e) if is_not_found(&e) => Ok(()),
@@ -277,52 +336,35 @@ impl Unpacker {
         }
         let header = entry.header().clone();
         let mode = header.mode().map_err(|e| e.to_string())? & 0o7777;
-        let (uid, gid) = (header.uid().unwrap_or(0), header.gid().unwrap_or(0));
+        let owner = Owner {
+            uid: header.uid().unwrap_or(0),
+            gid: header.gid().unwrap_or(0),
+            mode,
+        };
         let mtime = header.mtime().unwrap_or(0);
-        if !parent.is_empty() {
-            self.root
-                .mkdir_all(parent, &Permissions::from_mode(0o755))
-                .map_err(|e| format!("parent {parent}: {}", chain(&e)))?;
-        }
+        let xattrs = pax_xattrs(entry)?;
+        let parent_fd = self.parent_dir(parent)?;
         let kind = header.entry_type();
+        created.insert(path.to_string());
         if kind.is_dir() {
-            match self.root.resolve_nofollow(path) {
-                Ok(h)
-                    if h.reopen(OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY)
-                        .is_ok() => {}
-                Ok(_) => {
-                    self.root.remove_all(path).map_err(pe)?;
-                    self.root
-                        .create(path, &InodeType::Directory(Permissions::from_mode(0o755)))
-                        .map_err(pe)?;
-                }
-                Err(_) => self
-                    .root
-                    .create(path, &InodeType::Directory(Permissions::from_mode(0o755)))
-                    .map_err(pe)?,
-            }
-            self.record_owner_of_dir(path, uid, gid)?;
+            let dir = self.make_dir(&parent_fd, base, path)?;
+            self.set_owner(&dir, owner)?;
+            self.set_xattrs(&dir, path, &xattrs);
             self.dir_modes.push((path.to_string(), mode, mtime));
-            created.insert(path.to_string());
+            self.dirs.insert(path.to_string(), dir);
             return Ok(());
         }
-        // Anything else replaces what is there (a later layer may swap a directory for a
-        // file); the final component is never followed.
-        match self.root.remove_all(path) {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(format!("replacing {path}: {}", chain(&e))),
-        }
-        created.insert(path.to_string());
         match kind {
             tar::EntryType::Symlink => {
                 let target = entry
-                    .link_name()
-                    .map_err(|e| e.to_string())?
-                    .ok_or("symlink without a target")?;
-                self.root
-                    .create(path, &InodeType::Symlink(target.into_owned()))
-                    .map_err(pe)
+                    .link_name_bytes()
+                    .ok_or("symlink without a target")?
+                    .into_owned();
+                let target = std::ffi::OsStr::from_bytes(&target);
+                self.replace_with(&parent_fd, base, path, |dir| {
+                    nix::unistd::symlinkat(target, dir, base)
+                })?;
+                self.chown_at(&parent_fd, base, owner)
             }
             tar::EntryType::Link => {
                 let target = entry
@@ -331,22 +373,45 @@ impl Unpacker {
                     .ok_or("hardlink without a target")?;
                 let target = layer::normalize_archive_path(&target)
                     .ok_or("its hardlink target climbs out of the root")?;
+                self.remove_at(&parent_fd, base, path)?;
                 self.root
                     .create(path, &InodeType::Hardlink(PathBuf::from(&target)))
                     .map_err(|e| format!("hardlink to {target}: {}", chain(&e)))
             }
-            tar::EntryType::Fifo => self
-                .root
-                .create(path, &InodeType::Fifo(Permissions::from_mode(mode & 0o777)))
-                .map_err(pe),
+            tar::EntryType::Fifo => {
+                self.replace_with(&parent_fd, base, path, |dir| {
+                    nix::unistd::mkfifoat(dir, base, Mode::from_bits_truncate(0o600))
+                })?;
+                // Just created by us, so following is safe (Linux has no fchmodat nofollow).
+                nix::sys::stat::fchmodat(
+                    &*parent_fd,
+                    base,
+                    Mode::from_bits_truncate(mode & 0o777),
+                    nix::sys::stat::FchmodatFlags::FollowSymlink,
+                )
+                .map_err(|e| format!("chmod: {e}"))?;
+                self.chown_at(&parent_fd, base, owner)
+            }
             tar::EntryType::Char | tar::EntryType::Block => {
                 self.report.warnings.push(format!(
                     "{path}: device node replaced by an empty file (rootless)"
                 ));
-                self.write_file(path, &mut io::empty(), mode & 0o666, uid, gid, mtime)
+                let placeholder = Owner {
+                    mode: mode & 0o666,
+                    ..owner
+                };
+                self.write_file(
+                    &parent_fd,
+                    base,
+                    path,
+                    &mut io::empty(),
+                    placeholder,
+                    mtime,
+                    &[],
+                )
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                self.write_file(path, entry, mode, uid, gid, mtime)
+                self.write_file(&parent_fd, base, path, entry, owner, mtime, &xattrs)
             }
             other => {
                 self.report
@@ -357,73 +422,203 @@ impl Unpacker {
         }
     }
 
+    /// The directory `parent` (resolved in the root, created if missing), from the cache when
+    /// it is there.
+    fn parent_dir(&mut self, parent: &str) -> Result<Rc<OwnedFd>, String> {
+        if let Some(fd) = self.dirs.get(parent) {
+            return Ok(fd);
+        }
+        let handle = if parent.is_empty() {
+            self.root.resolve(".")
+        } else {
+            self.root.mkdir_all(parent, &Permissions::from_mode(0o755))
+        }
+        .map_err(|e| format!("parent {parent}: {}", chain(&e)))?;
+        let fd: OwnedFd = handle.into();
+        Ok(self.dirs.insert(parent.to_string(), fd))
+    }
+
+    /// Creates the directory `base` in `parent_fd` unless a directory is there; anything else
+    /// there (a file, a symlink) is replaced. Returns the directory, opened.
+    fn make_dir(&mut self, parent_fd: &OwnedFd, base: &str, path: &str) -> Result<OwnedFd, String> {
+        match nix::sys::stat::mkdirat(parent_fd, base, Mode::from_bits_truncate(0o755)) {
+            Ok(()) => {}
+            Err(Errno::EEXIST) if is_dir_at(parent_fd, base) => {}
+            Err(Errno::EEXIST) => {
+                self.replace_with(parent_fd, base, path, |dir| {
+                    nix::sys::stat::mkdirat(dir, base, Mode::from_bits_truncate(0o755))
+                })?;
+            }
+            Err(e) => return Err(format!("mkdir: {e}")),
+        }
+        nix::fcntl::openat(
+            parent_fd,
+            base,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("opening the directory: {e}"))
+    }
+
+    /// Runs `create` for the final component `base`; when something is already there, removes
+    /// it first (never following it) and runs `create` again.
+    fn replace_with(
+        &mut self,
+        parent_fd: &OwnedFd,
+        base: &str,
+        path: &str,
+        create: impl Fn(&OwnedFd) -> nix::Result<()>,
+    ) -> Result<(), String> {
+        match create(parent_fd) {
+            Err(Errno::EEXIST) => {}
+            other => return other.map_err(|e| e.to_string()),
+        }
+        self.remove_at(parent_fd, base, path)?;
+        create(parent_fd).map_err(|e| e.to_string())
+    }
+
+    /// Removes whatever is at `base` in `parent_fd` (a whole tree for a directory).
+    fn remove_at(&mut self, parent_fd: &OwnedFd, base: &str, path: &str) -> Result<(), String> {
+        let stat = match nix::sys::stat::fstatat(
+            parent_fd,
+            base,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(stat) => stat,
+            Err(Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(format!("replacing {path}: {e}")),
+        };
+        let file_type = stat.st_mode & libc::S_IFMT;
+        if file_type == libc::S_IFDIR || file_type == libc::S_IFLNK {
+            // Cached directories may sit below it or have been reached through it.
+            self.dirs.clear();
+        }
+        if file_type == libc::S_IFDIR {
+            self.root
+                .remove_all(path)
+                .map_err(|e| format!("replacing {path}: {}", chain(&e)))
+        } else {
+            nix::unistd::unlinkat(parent_fd, base, nix::unistd::UnlinkatFlags::NoRemoveDir)
+                .map_err(|e| format!("replacing {path}: {e}"))
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn write_file(
         &mut self,
+        parent_fd: &OwnedFd,
+        base: &str,
         path: &str,
         data: &mut dyn Read,
-        mode: u32,
-        uid: u64,
-        gid: u64,
+        owner: Owner,
         mtime: u64,
+        xattrs: &[(String, Vec<u8>)],
     ) -> Result<(), String> {
-        let mut file = self
-            .root
-            .create_file(
-                path,
-                OpenFlags::O_WRONLY
-                    | OpenFlags::O_EXCL
-                    | OpenFlags::O_NOFOLLOW
-                    | OpenFlags::O_CLOEXEC,
-                &Permissions::from_mode(0o600),
+        let open = |dir: &OwnedFd| {
+            nix::fcntl::openat(
+                dir,
+                base,
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
             )
-            .map_err(|e| chain(&e))?;
-        let mut buf = io::BufWriter::with_capacity(256 * 1024, &mut file);
-        io::copy(data, &mut buf).map_err(|e| e.to_string())?;
-        buf.flush().map_err(|e| e.to_string())?;
-        drop(buf);
-        let applied = if self.as_root { mode } else { mode & 0o1777 };
-        if applied != mode {
+        };
+        let file = match open(parent_fd) {
+            Ok(fd) => fd,
+            Err(Errno::EEXIST) => {
+                self.remove_at(parent_fd, base, path)?;
+                open(parent_fd).map_err(|e| e.to_string())?
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut file = File::from(file);
+        loop {
+            let n = match data.read(&mut self.copy_buffer) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.to_string()),
+            };
+            file.write_all(&self.copy_buffer[..n])
+                .map_err(|e| e.to_string())?;
+        }
+        let applied = if self.as_root {
+            owner.mode
+        } else {
+            owner.mode & 0o1777
+        };
+        if applied != owner.mode {
             self.report.warnings.push(format!(
                 "{path}: setuid/setgid bits recorded, not applied (rootless)"
             ));
         }
-        self.set_owner(&file, uid, gid, mode)?;
-        file.set_permissions(Permissions::from_mode(applied))
-            .map_err(|e| e.to_string())?;
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);
-        file.set_modified(t).map_err(|e| e.to_string())
+        self.set_owner(&file, owner)?;
+        self.set_xattrs(&file, path, xattrs);
+        nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(applied))
+            .map_err(|e| format!("chmod: {e}"))?;
+        let time = TimeSpec::new(mtime as i64, 0);
+        nix::sys::stat::futimens(&file, &time, &time).map_err(|e| format!("utimens: {e}"))
     }
 
     /// As root: chown. Rootless: the `user.rootlesscontainers` xattr umoci writes, holding the
     /// owner (and for setuid files the full mode, in `user.lathe.mode`).
-    fn set_owner(&self, file: &File, uid: u64, gid: u64, mode: u32) -> Result<(), String> {
+    fn set_owner(&self, file: &impl AsFd, owner: Owner) -> Result<(), String> {
         if self.as_root {
-            return nix::unistd::fchown(file, Some((uid as u32).into()), Some((gid as u32).into()))
-                .map_err(|e| e.to_string());
+            return nix::unistd::fchown(
+                file,
+                Some((owner.uid as u32).into()),
+                Some((owner.gid as u32).into()),
+            )
+            .map_err(|e| format!("chown: {e}"));
         }
-        if uid != 0 || gid != 0 {
+        if owner.uid != 0 || owner.gid != 0 {
             set_xattr(
                 file,
-                "user.rootlesscontainers",
-                &rootless_xattr(uid as u32, gid as u32),
+                ROOTLESS_XATTR,
+                &rootless_xattr(owner.uid as u32, owner.gid as u32),
             )?;
         }
-        if mode & 0o6000 != 0 {
-            set_xattr(file, "user.lathe.mode", format!("{mode:o}").as_bytes())?;
+        if owner.mode & 0o6000 != 0 {
+            set_xattr(file, MODE_XATTR, format!("{:o}", owner.mode).as_bytes())?;
         }
         Ok(())
     }
 
-    fn record_owner_of_dir(&self, path: &str, uid: u64, gid: u64) -> Result<(), String> {
-        let dir = self
-            .root
-            .resolve(path)
-            .and_then(|h| h.reopen(OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY))
-            .map_err(|e| chain(&e))?;
-        self.set_owner(&dir, uid, gid, 0)
+    /// As root, sets the owner of a symlink or fifo. Rootless there is nowhere to record it:
+    /// the kernel refuses `user.*` xattrs on them (umoci has the same gap).
+    fn chown_at(&self, parent_fd: &OwnedFd, base: &str, owner: Owner) -> Result<(), String> {
+        if !self.as_root {
+            return Ok(());
+        }
+        nix::unistd::fchownat(
+            parent_fd,
+            base,
+            Some((owner.uid as u32).into()),
+            Some((owner.gid as u32).into()),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| format!("chown: {e}"))
     }
 
-    /// An opaque whiteout: removes every child of `dir` that this layer did not create.
+    /// Applies the layer's extended attributes where the kernel allows; the ones it refuses
+    /// (`security.*` and `trusted.*` without privilege) become warnings.
+    fn set_xattrs(&mut self, file: &impl AsFd, path: &str, xattrs: &[(String, Vec<u8>)]) {
+        for (name, value) in xattrs {
+            if name == ROOTLESS_XATTR || name == MODE_XATTR {
+                self.report.warnings.push(format!(
+                    "{path}: xattr {name} from the layer ignored (lathe writes it itself)"
+                ));
+                continue;
+            }
+            if let Err(why) = set_xattr(file, name, value) {
+                self.report.warnings.push(format!("{path}: {why}"));
+            }
+        }
+    }
+
     /// An opaque whiteout: hides everything lower layers put under `dir`. What this layer
     /// created stays; in a directory this layer (re)created, lower contents go too.
     fn clear_dir(&mut self, dir: &str, created: &HashSet<String>) -> Result<(), String> {
@@ -586,12 +781,12 @@ fn chain(e: &pathrs::error::Error) -> String {
     text
 }
 
-fn set_xattr(file: &File, name: &str, value: &[u8]) -> Result<(), String> {
+fn set_xattr(file: &impl AsFd, name: &str, value: &[u8]) -> Result<(), String> {
     let cname = std::ffi::CString::new(name).expect("xattr names have no NUL");
     // SAFETY: the fd is valid for the call; name and value point to live buffers of the given length.
     let rc = unsafe {
         libc::fsetxattr(
-            file.as_raw_fd(),
+            file.as_fd().as_raw_fd(),
             cname.as_ptr(),
             value.as_ptr().cast(),
             value.len(),
@@ -603,6 +798,27 @@ fn set_xattr(file: &File, name: &str, value: &[u8]) -> Result<(), String> {
     } else {
         Err(format!("setting {name}: {}", io::Error::last_os_error()))
     }
+}
+
+/// The `SCHILY.xattr.*` records of an entry's PAX header.
+fn pax_xattrs<R: Read>(entry: &mut tar::Entry<R>) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let Some(extensions) = entry.pax_extensions().map_err(|e| e.to_string())? else {
+        return Ok(Vec::new());
+    };
+    let mut xattrs = Vec::new();
+    for extension in extensions {
+        let extension = extension.map_err(|e| format!("PAX header: {e}"))?;
+        if let Ok(Some(name)) = extension.key().map(|k| k.strip_prefix("SCHILY.xattr.")) {
+            xattrs.push((name.to_string(), extension.value_bytes().to_vec()));
+        }
+    }
+    Ok(xattrs)
+}
+
+/// Whether `base` in `dir` is a directory (not a symlink to one).
+fn is_dir_at(dir: &OwnedFd, base: &str) -> bool {
+    nix::sys::stat::fstatat(dir, base, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|stat| stat.st_mode & libc::S_IFMT == libc::S_IFDIR)
 }
 
 /// The rootlesscontainers.io `Resource` protobuf: field 1 uid, field 2 gid, as varints (zero
