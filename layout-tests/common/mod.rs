@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use lathe::content::{canonical_json, sha256_digest};
+use lathe::layout::{Transaction, refs_for};
+use oci_spec::image::{Descriptor, MediaType};
+use serde_json::json;
+
 pub fn lathe_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_lathe"))
 }
@@ -164,6 +169,45 @@ pub fn skopeo_raw(reference: &str) -> (String, serde_json::Value) {
         format!("sha256:{}", sha256_hex(raw.as_bytes())),
         serde_json::from_str(&raw).unwrap(),
     )
+}
+
+/// Writes an image (ref `img`, linux/amd64) whose layers are the raw tars `layers` into a new
+/// layout at `dir`; returns the `oci:` reference.
+pub fn image_with_layers(dir: &Path, layers: &[Vec<u8>]) -> String {
+    image_with_layer_blobs(dir, layers, false).0
+}
+
+/// As [`image_with_layers`], the layers gzip-compressed when `gzip`; also returns the layer
+/// digests (of the blobs as stored), in order.
+pub fn image_with_layer_blobs(dir: &Path, layers: &[Vec<u8>], gzip: bool) -> (String, Vec<String>) {
+    use std::io::Write;
+    let mut tx = Transaction::begin(dir).unwrap();
+    let mut descs = Vec::new();
+    for tar in layers {
+        descs.push(if gzip {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            gz.write_all(tar).unwrap();
+            tx.write_bytes(&gz.finish().unwrap(), MediaType::ImageLayerGzip)
+                .unwrap()
+        } else {
+            tx.write_bytes(tar, MediaType::ImageLayer).unwrap()
+        });
+    }
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| sha256_digest(l).to_string())
+        .collect();
+    let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}, "config": {}});
+    let config = tx
+        .write_bytes(&canonical_json(&config), MediaType::ImageConfig)
+        .unwrap();
+    let digests = descs.iter().map(|d| d.digest().to_string()).collect();
+    let manifest = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config, "layers": descs});
+    let manifest: Descriptor = tx
+        .write_bytes(&canonical_json(&manifest), MediaType::ImageManifest)
+        .unwrap();
+    tx.commit(&refs_for("img", &manifest, &[])).unwrap();
+    (format!("oci:{}:img", dir.display()), digests)
 }
 
 pub fn stderr(out: &Output) -> String {
