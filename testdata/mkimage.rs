@@ -1,15 +1,16 @@
 //! Test-fixture tool: builds a multi-platform OCI image index from directory trees, one
-//! deterministic gzip layer per directory, into an OCI layout. Used by
+//! deterministic layer per directory (gzip unless --compression says otherwise, written
+//! --jobs at a time), into an OCI layout. Used by
 //! testdata/make-base-images.sh; not part of lathe's command line.
 //!
-//! mkimage --output oci:DIR:REF [--chown PATH=UID:GID ...]
+//! mkimage --output oci:DIR:REF [--chown PATH=UID:GID ...] [--compression C] [--jobs N]
 //!         --image OS/ARCH --config CONFIG.json --layer DIR [--layer DIR ...] [--image ...]
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use lathe::content::canonical_json;
-use lathe::layer::{Ownership, write_dir_layer};
+use lathe::layer::{LayerCompression, Ownership, write_dir_layers};
 use lathe::layout::{Transaction, refs_for};
 use lathe::platform::Platform;
 use lathe::reference::ImageRef;
@@ -29,6 +30,8 @@ fn main() -> Result<()> {
     let mut output = None;
     let mut owners = Ownership::default();
     let mut images: Vec<ImageSpec> = Vec::new();
+    let mut compression = LayerCompression::default();
+    let mut jobs = 1;
     while let Some(flag) = args.next() {
         let value = args
             .next()
@@ -42,6 +45,8 @@ fn main() -> Result<()> {
                 let (uid, gid) = ids.split_once(':').context("--chown takes PATH=UID:GID")?;
                 owners.add(path, uid.parse()?, gid.parse()?);
             }
+            "--compression" => compression = value.parse().map_err(anyhow::Error::msg)?,
+            "--jobs" => jobs = value.parse().context("--jobs takes a number")?,
             "--image" => images.push(ImageSpec {
                 platform: value.parse()?,
                 config: None,
@@ -69,10 +74,17 @@ fn main() -> Result<()> {
         let mut layers = Vec::new();
         let mut diff_ids = Vec::new();
         let mut history = Vec::new();
-        for dir in &image.layers {
-            let writer = tx.blob_writer()?;
-            let (layer, writer) = write_dir_layer(dir, &owners, Default::default(), writer)
-                .with_context(|| format!("layer {}", dir.display()))?;
+        let writers = image
+            .layers
+            .iter()
+            .map(|dir| Ok((dir.clone(), tx.blob_writer()?)))
+            .collect::<Result<Vec<_>>>()?;
+        for (dir, (layer, writer)) in
+            image
+                .layers
+                .iter()
+                .zip(write_dir_layers(writers, &owners, compression, jobs)?)
+        {
             writer.finish(&mut tx)?;
             layers.push(Descriptor::new(layer.media_type, layer.size, layer.digest));
             diff_ids.push(layer.diff_id.to_string());
