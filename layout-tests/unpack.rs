@@ -354,6 +354,29 @@ fn unpack_matches_umoci_on_the_synthetic_image() {
         "opaque dir"
     );
     assert!(facts.len() > 10_000, "{}", facts.len());
+
+    // On a terminal the same unpack draws a progress bar; through a pipe (above) it does not.
+    let piped = lathe(&[
+        "unpack",
+        &format!("oci:{}:synthetic", layout.display()),
+        tmp.path().join("piped").to_str().unwrap(),
+    ]);
+    assert!(!stderr(&piped).contains("unpacking"), "{}", stderr(&piped));
+    let on_terminal = tmp.path().join("on-terminal");
+    let command = format!(
+        "{} unpack oci:{}:synthetic {}",
+        lathe_bin().display(),
+        layout.display(),
+        on_terminal.display()
+    );
+    let typescript = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&typescript.stdout);
+    assert!(typescript.status.success(), "{shown}");
+    assert!(shown.contains("unpacking ["), "no progress bar: {shown}");
+    assert_eq!(tree_facts(&on_terminal), facts);
 }
 
 #[test]

@@ -190,7 +190,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             {
                 eprintln!("{note}");
             }
-            let report = crate::unpack::unpack(source.as_ref(), &resolved.root, &args.dir)?;
+            let progress = crate::progress::TerminalProgress::new("unpacking", cli.global.quiet);
+            let report =
+                crate::unpack::unpack(source.as_ref(), &resolved.root, &args.dir, &progress)?;
             for warning in &report.warnings {
                 tracing::warn!("{warning}");
             }

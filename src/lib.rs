@@ -12,5 +12,6 @@ pub mod inspect;
 pub mod layer;
 pub mod layout;
 pub mod platform;
+pub mod progress;
 pub mod reference;
 pub mod unpack;

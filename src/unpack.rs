@@ -36,6 +36,7 @@ use sha2::{Digest as _, Sha256};
 use crate::content::{self, Kind};
 use crate::image::{self, ImageError, ImageSource};
 use crate::layer;
+use crate::progress::Progress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -65,11 +66,12 @@ pub struct UnpackReport {
 }
 
 /// Unpacks the image manifest `manifest` from `source` into `target`, which must not exist
-/// or be an empty directory.
+/// or be an empty directory. `progress` counts compressed layer bytes.
 pub fn unpack(
     source: &dyn ImageSource,
     manifest: &Descriptor,
     target: &Path,
+    progress: &dyn Progress,
 ) -> Result<UnpackReport, UnpackError> {
     let describe = source.describe();
     if content::kind_of(manifest.media_type()) != Kind::Manifest {
@@ -149,9 +151,16 @@ pub fn unpack(
         report: UnpackReport::default(),
         as_root: nix::unistd::geteuid().is_root(),
     };
-    for (layer_desc, diff_id) in parsed.layers().iter().zip(&diff_ids) {
-        unpacker.apply_layer(source, layer_desc, diff_id)?;
-    }
+    progress.start(parsed.layers().iter().map(|l| l.size()).sum());
+    let applied = parsed
+        .layers()
+        .iter()
+        .zip(&diff_ids)
+        .try_for_each(|(layer_desc, diff_id)| {
+            unpacker.apply_layer(source, layer_desc, diff_id, progress)
+        });
+    progress.finish();
+    applied?;
     unpacker.finish_dirs()?;
     let _ = fs::remove_dir(target);
     fs::rename(staging.path(), target).map_err(|e| UnpackError::Io {
@@ -237,6 +246,7 @@ impl Unpacker {
         source: &dyn ImageSource,
         desc: &Descriptor,
         diff_id: &str,
+        progress: &dyn Progress,
     ) -> Result<(), UnpackError> {
         let layer_name = desc.digest().to_string();
         let layer_err = |why: String| UnpackError::Layer {
@@ -249,7 +259,10 @@ impl Unpacker {
                 desc.media_type()
             ))
         })?;
-        let blob = source.open_blob(desc)?;
+        let blob = CountingReader {
+            inner: source.open_blob(desc)?,
+            progress,
+        };
         // Decompression runs on its own thread, a bounded channel ahead of the file writes.
         std::thread::scope(|scope| {
             let (sender, receiver) = std::sync::mpsc::sync_channel(DECODE_QUEUE);
@@ -433,7 +446,13 @@ impl Unpacker {
         } else {
             self.root.mkdir_all(parent, &Permissions::from_mode(0o755))
         }
-        .map_err(|e| format!("parent {parent}: {}", chain(&e)))?;
+        .map_err(|e| match e.kind() {
+            pathrs::error::ErrorKind::OsError(Some(libc::ENOTDIR)) => format!(
+                "parent {parent}: not a directory inside the root (a file, or a symlink to \
+                 something that does not exist in the image); nothing is created through it"
+            ),
+            _ => format!("parent {parent}: {}", chain(&e)),
+        })?;
         let fd: OwnedFd = handle.into();
         Ok(self.dirs.insert(parent.to_string(), fd))
     }
@@ -687,7 +706,7 @@ const DECODE_CHUNK: usize = 256 * 1024;
 /// Decompresses `blob` into `sender` in fixed-size chunks; an error is sent as the last item.
 /// Stops quietly when the receiving side has gone (it failed and dropped the channel).
 fn decode_into(
-    blob: Box<dyn Read + Send + '_>,
+    blob: impl Read + Send,
     compression: content::Compression,
     sender: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
 ) {
@@ -728,6 +747,20 @@ fn decode_into(
             Ok(()) if filled < DECODE_CHUNK => return,
             Ok(()) => {}
         }
+    }
+}
+
+/// Reports the bytes read through it.
+struct CountingReader<'a, R> {
+    inner: R,
+    progress: &'a dyn Progress,
+}
+
+impl<R: Read> Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress.advance(n as u64);
+        Ok(n)
     }
 }
 
