@@ -465,3 +465,56 @@ fn a_non_empty_target_is_refused_and_left_alone() {
     );
     assert!(!tmp.path().join("x").exists());
 }
+
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let cname = std::ffi::CString::new(name).unwrap();
+    let mut value = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::lgetxattr(
+            cpath.as_ptr(),
+            cname.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    (n >= 0).then(|| value[..n as usize].to_vec())
+}
+
+/// PAX `SCHILY.xattr.*` records become xattrs where the kernel allows; a layer can't forge
+/// the ownership record lathe itself writes.
+#[test]
+fn pax_xattrs_are_applied_and_the_ownership_record_cannot_be_forged() {
+    let tmp = scratch();
+    let mut builder = tar::Builder::new(Vec::new());
+    builder
+        .append_pax_extensions([
+            ("SCHILY.xattr.user.comment", &b"hello"[..]),
+            ("SCHILY.xattr.user.rootlesscontainers", &[0x08, 0x01][..]),
+        ])
+        .unwrap();
+    let mut header = tar::Header::new_ustar();
+    header.set_path("etc/tagged").unwrap();
+    header.set_mode(0o644);
+    header.set_size(2);
+    header.set_cksum();
+    builder.append(&header, &b"hi"[..]).unwrap();
+    let layer = builder.into_inner().unwrap();
+    let image = image_with_layers(&tmp.path().join("img"), &[layer]);
+    let root = tmp.path().join("root");
+    let out = lathe(&["unpack", &image, root.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tagged = root.join("etc/tagged");
+    assert_eq!(fs::read(&tagged).unwrap(), b"hi");
+    assert_eq!(
+        xattr(&tagged, "user.comment").as_deref(),
+        Some(&b"hello"[..])
+    );
+    assert_eq!(xattr(&tagged, "user.rootlesscontainers"), None);
+    assert!(
+        stderr(&out).contains("xattr user.rootlesscontainers from the layer ignored"),
+        "{}",
+        stderr(&out)
+    );
+}
