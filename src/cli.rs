@@ -3,6 +3,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -55,8 +57,90 @@ pub enum Command {
     Unpack(UnpackArgs),
     /// Remove blobs that no image in an OCI layout refers to
     Gc(GcArgs),
+    /// Run an image's process in the rootless sandbox (any platform)
+    Run(RunArgs),
+    /// List or prune the store of unpacked root filesystems
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Print a shell completion script
     Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The store directory (default: $XDG_CACHE_HOME/lathe or ~/.cache/lathe)
+    #[arg(long, value_name = "DIR", env = "LATHE_STORE")]
+    pub store: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn dir(&self) -> PathBuf {
+        self.store
+            .clone()
+            .unwrap_or_else(crate::store::Store::default_dir)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Image reference
+    #[arg(value_parser = parse_ref)]
+    pub image: ImageRef,
+    /// The platform to run from an index (default: the host's); foreign ones are emulated
+    #[arg(long, value_name = "PLATFORM", value_parser = parse_platform)]
+    pub platform: Option<Platform>,
+    /// Run this CNB process type (/cnb/process/TYPE) instead of the entrypoint
+    #[arg(long, value_name = "TYPE")]
+    pub process: Option<String>,
+    /// Set an environment variable (repeatable)
+    #[arg(long, value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Bind a host file or directory (repeatable)
+    #[arg(long, value_name = "HOST:CONTAINER[:ro]", value_parser = parse_volume)]
+    pub volume: Vec<crate::sandbox::Bind>,
+    /// The process's network: none (loopback only) or default (the host's)
+    #[arg(long, value_enum, default_value = "none")]
+    pub network: NetworkArg,
+    /// How to isolate the process
+    #[arg(long, value_enum, default_value = "auto")]
+    pub sandbox: crate::run::SandboxMode,
+    /// Kill the sandbox after this many seconds
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Arguments replacing the image's command (after --)
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum NetworkArg {
+    None,
+    Default,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// List the unpacked root filesystems in the store
+    Ls {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove leftovers of killed runs and root filesystems unused for a while
+    Prune {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Remove every root filesystem
+        #[arg(long)]
+        all: bool,
+        /// Keep root filesystems used within this many days
+        #[arg(long, value_name = "DAYS", default_value_t = 7, conflicts_with = "all")]
+        unused_days: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -132,6 +216,32 @@ fn parse_ref(text: &str) -> Result<ImageRef, String> {
         .map_err(|e: crate::reference::ReferenceError| e.why)
 }
 
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{text:?}: use K=V")),
+    }
+}
+
+fn parse_volume(text: &str) -> Result<crate::sandbox::Bind, String> {
+    let (spec, read_only) = match text.strip_suffix(":ro") {
+        Some(rest) => (rest, true),
+        None => (text.strip_suffix(":rw").unwrap_or(text), false),
+    };
+    let (host, inside) = spec
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?}: use HOST:CONTAINER[:ro]"))?;
+    if !inside.starts_with('/') {
+        return Err(format!("{text:?}: the container path must be absolute"));
+    }
+    let source = std::fs::canonicalize(host).map_err(|e| format!("{host}: {e}"))?;
+    Ok(crate::sandbox::Bind {
+        source,
+        target: inside.to_string(),
+        read_only,
+    })
+}
+
 fn parse_platform(text: &str) -> Result<Platform, String> {
     text.parse()
         .map_err(|e: crate::platform::PlatformError| e.to_string())
@@ -142,7 +252,8 @@ pub fn command() -> clap::Command {
 }
 
 /// Runs a parsed command line; errors carry the thing at fault.
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs a command; returns the process's exit code (0 unless `lathe run` says otherwise).
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Copy(args) => {
             let report = image::copy(&args.source, &args.destination, &args.platforms.platform)?;
@@ -225,11 +336,78 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Run(args) => return run_command(args, cli.global.quiet),
+        Command::Store(StoreCommand::Ls { store, json }) => {
+            let dir = store.dir();
+            let records = crate::store::Store::open(&dir)?.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&records)?);
+            } else {
+                for r in records {
+                    println!(
+                        "{}  {:<12} {:>10} bytes  used {}s ago  {}",
+                        r.digest, r.platform, r.bytes, r.last_used_secs_ago, r.source
+                    );
+                }
+            }
+        }
+        Command::Store(StoreCommand::Prune {
+            store,
+            all,
+            unused_days,
+        }) => {
+            let unused_for = (!all).then(|| Duration::from_secs(unused_days * 86_400));
+            let report = crate::store::Store::prune(&store.dir(), unused_for)?;
+            if !cli.global.quiet {
+                eprintln!(
+                    "Removed {} root filesystems and {} scratch directories ({} bytes)",
+                    report.root_filesystems, report.scratch_dirs, report.bytes
+                );
+            }
+        }
         Command::Completions(args) => {
             clap_complete::generate(args.shell, &mut command(), "lathe", &mut std::io::stdout());
         }
     }
-    Ok(())
+    Ok(0)
+}
+
+/// Set by SIGINT/SIGTERM while a sandbox runs; the sandbox is then killed.
+static CANCELLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn cancel_on_signal(_: libc::c_int) {
+    CANCELLED.store(true, Ordering::SeqCst);
+}
+
+fn run_command(args: RunArgs, quiet: bool) -> anyhow::Result<i32> {
+    let source = image::open_source(&args.image)?;
+    let request = crate::run::RunRequest {
+        platform: args.platform,
+        process: args.process,
+        env: args.env,
+        volumes: args.volume,
+        network: match args.network {
+            NetworkArg::None => crate::sandbox::Network::None,
+            NetworkArg::Default => crate::sandbox::Network::Host,
+        },
+        sandbox: args.sandbox,
+        timeout: args.timeout.map(Duration::from_secs),
+        args: args.args,
+        store: args.store.dir(),
+    };
+    let handler = nix::sys::signal::SigHandler::Handler(cancel_on_signal);
+    for signal in [nix::sys::signal::SIGINT, nix::sys::signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { nix::sys::signal::signal(signal, handler) }?;
+    }
+    let lathe_exe = std::env::current_exe().context("finding lathe's own executable")?;
+    let progress = crate::progress::TerminalProgress::new("unpacking", quiet);
+    let outcome =
+        crate::run::run_image(source.as_ref(), &request, &lathe_exe, &CANCELLED, &progress)?;
+    for note in &outcome.notes {
+        tracing::info!("{note}");
+    }
+    Ok(outcome.exit_code)
 }
 
 /// Writes a man page for lathe and for each subcommand into `dir`.

@@ -14,4 +14,7 @@ pub mod layout;
 pub mod platform;
 pub mod progress;
 pub mod reference;
+pub mod run;
+pub mod sandbox;
+pub mod store;
 pub mod unpack;

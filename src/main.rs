@@ -2,6 +2,13 @@ use clap::Parser;
 use lathe::cli;
 
 fn main() {
+    // The sandbox's init is lathe re-executed; it must not start threads before unshare.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == lathe::sandbox::INIT_ARG)
+    {
+        lathe::sandbox::child::sandbox_init();
+    }
     let parsed = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -24,8 +31,12 @@ fn main() {
         .with_writer(std::io::stderr)
         .without_time()
         .init();
-    if let Err(err) = cli::run(parsed) {
-        eprintln!("lathe: error: {err:#}");
-        std::process::exit(cli::exit_code(&err));
+    match cli::run(parsed) {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("lathe: error: {err:#}");
+            std::process::exit(cli::exit_code(&err));
+        }
     }
 }

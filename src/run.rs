@@ -1,0 +1,387 @@
+//! `lathe run`: runs an image's process (a CNB image's process type, or the entrypoint and
+//! command) in the sandbox, from the store's root filesystem, as the image's user, and
+//! returns its exit code. Foreign platforms run through the sandbox's private binfmt_misc.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use pathrs::Root;
+use serde_json::Value;
+
+use crate::image::{self, ImageError, ImageSource, Selection};
+use crate::platform::Platform;
+use crate::progress::Progress;
+use crate::sandbox::{self, Bind, Emulator, Network, RootFs, RunControl, SandboxSpec};
+use crate::store::{self, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `--sandbox auto|userns|none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SandboxMode {
+    Auto,
+    Userns,
+    None,
+}
+
+pub struct RunRequest {
+    pub platform: Option<Platform>,
+    pub process: Option<String>,
+    pub env: Vec<(String, String)>,
+    pub volumes: Vec<Bind>,
+    pub network: Network,
+    pub sandbox: SandboxMode,
+    pub timeout: Option<Duration>,
+    pub args: Vec<String>,
+    pub store: PathBuf,
+}
+
+/// How the run went, for the CLI to report.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub exit_code: i32,
+    pub notes: Vec<String>,
+}
+
+/// What the image's config says to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    pub user: String,
+}
+
+/// The process to run for `config` (the image config JSON): for `--process TYPE`, the CNB
+/// launcher's `/cnb/process/TYPE`; otherwise Entrypoint + Cmd, with `args` replacing Cmd.
+pub fn process_from_config(
+    config: &Value,
+    process_type: Option<&str>,
+    args: &[String],
+    extra_env: &[(String, String)],
+) -> Result<Process, String> {
+    let c = &config["config"];
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut argv = match process_type {
+        Some(kind) => {
+            if kind.is_empty() || kind.contains('/') {
+                return Err(format!("process type {kind:?} is not a valid name"));
+            }
+            vec![format!("/cnb/process/{kind}")]
+        }
+        None => strings(&c["Entrypoint"]),
+    };
+    if args.is_empty() && process_type.is_none() {
+        argv.extend(strings(&c["Cmd"]));
+    } else {
+        argv.extend(args.iter().cloned());
+    }
+    if argv.is_empty() {
+        return Err("the image has no entrypoint or command, and none was given".into());
+    }
+    let mut env: Vec<(String, String)> = strings(&c["Env"])
+        .into_iter()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.into(), v.into())))
+        .collect();
+    for (k, v) in extra_env {
+        env.retain(|(existing, _)| existing != k);
+        env.push((k.clone(), v.clone()));
+    }
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push((
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ));
+    }
+    let cwd = c["WorkingDir"]
+        .as_str()
+        .filter(|w| !w.is_empty())
+        .unwrap_or("/")
+        .to_string();
+    let user = c["User"].as_str().unwrap_or("").to_string();
+    Ok(Process {
+        argv,
+        env,
+        cwd,
+        user,
+    })
+}
+
+/// Resolves the config's `User` (`name`, `uid`, `name:group`, `uid:gid`) against the image's
+/// /etc/passwd and /etc/group; empty means root.
+pub fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32), String> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (user_part, group_part) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let read = |file: &str| -> String {
+        Root::open(rootfs)
+            .and_then(|root| root.resolve(file))
+            .and_then(|h| h.reopen(pathrs::flags::OpenFlags::O_RDONLY))
+            .ok()
+            .and_then(|mut f| {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut f, &mut text).ok()?;
+                Some(text)
+            })
+            .unwrap_or_default()
+    };
+    let passwd = read("/etc/passwd");
+    let (uid, primary_gid) = match user_part.parse::<u32>() {
+        Ok(uid) => {
+            let gid = passwd
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() > 3 && f[2] == user_part)
+                .and_then(|f| f[3].parse().ok())
+                .unwrap_or(uid);
+            (uid, gid)
+        }
+        Err(_) => passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[0] == user_part)
+            .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+            .ok_or_else(|| format!("user {user_part:?} is not in the image's /etc/passwd"))?,
+    };
+    let gid = match group_part {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => read("/etc/group")
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() > 2 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| format!("group {g:?} is not in the image's /etc/group"))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// Runs the image `source` names, per `request`.
+pub fn run_image(
+    source: &dyn ImageSource,
+    request: &RunRequest,
+    lathe_exe: &Path,
+    cancel: &AtomicBool,
+    progress: &dyn Progress,
+) -> Result<RunOutcome, RunError> {
+    let mut notes = Vec::new();
+    let host = Platform::host();
+    let wanted = request.platform.clone().unwrap_or_else(|| host.clone());
+    let resolved = image::resolve_selection(
+        source,
+        &Selection {
+            platforms: vec![wanted.clone()],
+            single_image: true,
+        },
+    )?;
+    let manifest_bytes = source.read_blob(&resolved.root)?;
+    let manifest = image::parse_manifest(&manifest_bytes, &resolved.root, &source.describe())?;
+    let config: Value = serde_json::from_slice(&source.read_blob(manifest.config())?)
+        .map_err(|e| RunError::Invalid(format!("{}: config: {e}", source.describe())))?;
+    let image_platform = image::config_platform(&serde_json::to_vec(&config).unwrap_or_default())
+        .unwrap_or_else(|| wanted.clone());
+    let process = process_from_config(
+        &config,
+        request.process.as_deref(),
+        &request.args,
+        &request.env,
+    )
+    .map_err(|why| RunError::Invalid(format!("{}: {why}", source.describe())))?;
+
+    let mode = match request.sandbox {
+        SandboxMode::Auto if sandbox::user_namespaces_work() => SandboxMode::Userns,
+        SandboxMode::Auto => {
+            return Err(sandbox::SandboxError::NoUserNamespace {
+                why: "unshare(CLONE_NEWUSER) was refused".into(),
+                diagnosis: sandbox::diagnose_user_namespaces(),
+            }
+            .into());
+        }
+        other => other,
+    };
+    if mode == SandboxMode::None {
+        return Err(RunError::Invalid(
+            "lathe run --sandbox none would run the host's programs, not the image's; it is \
+             for builds inside the builder image (use --sandbox userns or auto)"
+                .into(),
+        ));
+    }
+
+    let store = Store::open(&request.store)?;
+    let (rootfs, reused) = store.rootfs(
+        source,
+        &resolved.root,
+        &image_platform.to_string(),
+        progress,
+    )?;
+    if reused {
+        notes.push(format!("reused {} from the store", rootfs.display()));
+    }
+    let (uid, gid) = resolve_user(&rootfs, &process.user)
+        .map_err(|why| RunError::Invalid(format!("{}: {why}", source.describe())))?;
+    let emulator = if image_platform.arch != host.arch {
+        Some(Emulator::find_for(&image_platform).map_err(RunError::Invalid)?)
+    } else {
+        None
+    };
+    let scratch = store.scratch()?;
+    let mut spec = SandboxSpec {
+        rootfs: RootFs::Overlay {
+            lower: rootfs.clone(),
+            upper: make_dir(scratch.path(), "upper")?,
+            work: make_dir(scratch.path(), "work")?,
+            merged: make_dir(scratch.path(), "merged")?,
+        },
+        binds: request.volumes.clone(),
+        argv: process.argv,
+        env: process.env,
+        cwd: process.cwd,
+        uid,
+        gid,
+        network: request.network,
+        emulator,
+        hostname: "lathe".into(),
+    };
+    let control = RunControl {
+        lathe_exe: lathe_exe.to_path_buf(),
+        timeout: request.timeout,
+        cancel,
+    };
+    let result = match sandbox::run(&spec, &control) {
+        Err(e) if sandbox::is_overlay_unavailable(&e) => {
+            let copy = scratch.path().join("copy");
+            copy_tree(&rootfs, &copy)?;
+            notes.push(format!(
+                "overlayfs is unavailable here ({e}); ran on a private copy"
+            ));
+            spec.rootfs = RootFs::Private(copy);
+            sandbox::run(&spec, &control)
+        }
+        other => {
+            notes.push("ran on an overlay of the stored root filesystem".into());
+            other
+        }
+    };
+    let scratch_path = scratch.keep();
+    let _ = store::remove_tree(&scratch_path);
+    Ok(RunOutcome {
+        exit_code: result?,
+        notes,
+    })
+}
+
+fn make_dir(parent: &Path, name: &str) -> Result<PathBuf, RunError> {
+    let path = parent.join(name);
+    std::fs::create_dir(&path).map_err(|e| {
+        RunError::Store(StoreError::Io {
+            path: path.clone(),
+            why: e.to_string(),
+        })
+    })?;
+    Ok(path)
+}
+
+/// A private copy of a tree (reflinked where the filesystem can), for kernels without
+/// overlayfs in user namespaces.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), RunError> {
+    let out = std::process::Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(from)
+        .arg(to)
+        .output()
+        .map_err(|e| RunError::Invalid(format!("cp: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RunError::Invalid(format!(
+            "copying {} for the run: {}",
+            from.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn entrypoint_and_cmd_with_args_replacing_cmd() {
+        let config = json!({"config": {"Entrypoint": ["/bin/sh", "-c"], "Cmd": ["echo hi"],
+            "Env": ["PATH=/bin", "A=1"], "WorkingDir": "/app", "User": "cnb"}});
+        let p = process_from_config(&config, None, &[], &[]).unwrap();
+        assert_eq!(p.argv, ["/bin/sh", "-c", "echo hi"]);
+        assert_eq!(p.cwd, "/app");
+        assert_eq!(p.user, "cnb");
+        let p = process_from_config(
+            &config,
+            None,
+            &["exit 3".into()],
+            &[("A".into(), "2".into())],
+        )
+        .unwrap();
+        assert_eq!(p.argv, ["/bin/sh", "-c", "exit 3"]);
+        assert_eq!(
+            p.env,
+            [("PATH".into(), "/bin".into()), ("A".into(), "2".into())]
+        );
+    }
+
+    #[test]
+    fn a_process_type_goes_through_the_cnb_launcher_link() {
+        let config = json!({"config": {"Entrypoint": ["/cnb/process/web"]}});
+        let p = process_from_config(&config, Some("worker"), &["x".into()], &[]).unwrap();
+        assert_eq!(p.argv, ["/cnb/process/worker", "x"]);
+        assert!(process_from_config(&config, Some("../x"), &[], &[]).is_err());
+        assert!(process_from_config(&json!({}), None, &[], &[]).is_err());
+    }
+
+    #[test]
+    fn users_resolve_against_the_images_files() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\ncnb:x:1001:1000::/home/cnb:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(
+            root.path().join("etc/group"),
+            "root:x:0:\ncnb:x:1000:\nstaff:x:50:\n",
+        )
+        .unwrap();
+        assert_eq!(resolve_user(root.path(), "").unwrap(), (0, 0));
+        assert_eq!(resolve_user(root.path(), "cnb").unwrap(), (1001, 1000));
+        assert_eq!(resolve_user(root.path(), "1001").unwrap(), (1001, 1000));
+        assert_eq!(resolve_user(root.path(), "cnb:staff").unwrap(), (1001, 50));
+        assert_eq!(resolve_user(root.path(), "5:6").unwrap(), (5, 6));
+        let err = resolve_user(root.path(), "nobody").unwrap_err();
+        assert!(err.contains("nobody"), "{err}");
+    }
+}

@@ -1,0 +1,516 @@
+//! The rootless sandbox: runs a process in new user, mount, pid, uts and ipc namespaces (and a
+//! network namespace for `--network none`), rooted in an unpacked image via pivot_root, as one
+//! of the image's users, with no daemon and no setuid helper unless one is there to use.
+//!
+//! `unshare(CLONE_NEWUSER)` is refused in a multithreaded process, so lathe re-executes itself
+//! as `lathe __sandbox-init` ([`child`]); this side writes that process's id maps, relays its
+//! setup errors, enforces the timeout and kills the whole sandbox on cancellation. Mount setup
+//! is data ([`plan`]) applied through one syscall seam ([`sys`]).
+//!
+//! Id maps: as root, the identity map (files keep their real owners). Unprivileged, the
+//! caller is root inside for the setup (mounts and binfmt_misc need it). With only the caller
+//! mapped, the payload then nests a user namespace mapping that root to the image user, so
+//! the caller's rootless-unpacked files are the image user's; with `newuidmap`/`newgidmap`
+//! and a subordinate range in /etc/subuid and /etc/subgid, ids 1–65535 are mapped too and the
+//! payload simply becomes the image user.
+
+pub mod child;
+pub mod plan;
+pub mod sys;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::platform::Platform;
+
+/// The environment variable that carries the spec into `lathe __sandbox-init`.
+pub const SPEC_ENV: &str = "LATHE_SANDBOX_SPEC";
+/// The hidden argument that makes lathe the sandbox's init.
+pub const INIT_ARG: &str = "__sandbox-init";
+/// The descriptor of the parent ↔ init channel in the re-executed process.
+const SYNC_FD: i32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error(
+        "user namespaces are not available here ({why}).\n{diagnosis}\nEither allow \
+         unprivileged user namespaces, or run lathe inside the builder image with \
+         --sandbox none."
+    )]
+    NoUserNamespace { why: String, diagnosis: String },
+    #[error("sandbox setup: {0}")]
+    Setup(String),
+    #[error("{0}")]
+    Exec(String),
+    #[error("the sandbox ran longer than {0:?} and was killed")]
+    TimedOut(Duration),
+    #[error("interrupted; the sandbox was killed")]
+    Interrupted,
+    #[error("{what}: {why}")]
+    Io { what: String, why: String },
+}
+
+/// How the root filesystem is made writable without changing the tree it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RootFs {
+    /// overlayfs over a read-only lower tree.
+    Overlay {
+        lower: PathBuf,
+        upper: PathBuf,
+        work: PathBuf,
+        merged: PathBuf,
+    },
+    /// A private tree (a copy) used as it is.
+    Private(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Bind {
+    pub source: PathBuf,
+    /// An absolute path inside the sandbox.
+    pub target: String,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Network {
+    /// Only a loopback interface.
+    None,
+    /// The host's network.
+    Host,
+}
+
+/// A user-mode emulator registered in the sandbox's own binfmt_misc.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Emulator {
+    /// The Go-style architecture name it runs (`arm64`, `amd64`, `arm`).
+    pub arch: String,
+    pub interpreter: PathBuf,
+}
+
+impl Emulator {
+    /// Finds `qemu-<machine>-static` (or `qemu-<machine>`) for `platform` on PATH.
+    pub fn find_for(platform: &Platform) -> Result<Emulator, String> {
+        let machine = match platform.arch.as_str() {
+            "arm64" => "aarch64",
+            "amd64" => "x86_64",
+            "arm" => "arm",
+            "riscv64" => "riscv64",
+            "ppc64le" => "ppc64le",
+            "s390x" => "s390x",
+            other => return Err(format!("no emulator is known for architecture {other}")),
+        };
+        let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
+        for name in [format!("qemu-{machine}-static"), format!("qemu-{machine}")] {
+            for dir in path.split(':').filter(|d| !d.is_empty()) {
+                let candidate = Path::new(dir).join(&name);
+                if candidate.is_file() {
+                    return Ok(Emulator {
+                        arch: platform.arch.clone(),
+                        interpreter: candidate,
+                    });
+                }
+            }
+        }
+        Err(format!(
+            "running {platform} images needs qemu-{machine}-static on PATH (Debian: apt-get \
+             install qemu-user-static)"
+        ))
+    }
+
+    /// The binfmt_misc `register` line: ELF magic and mask for the architecture, flags `PF`
+    /// (`P` keeps argv[0], which busybox applets need; `F` opens the interpreter now, from
+    /// the host's filesystem, so the image needs no copy of it).
+    pub fn registration(&self) -> Result<String, String> {
+        let (magic, mask) = match self.arch.as_str() {
+            "arm64" => (
+                r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00",
+                r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff",
+            ),
+            "amd64" => (
+                r"\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00",
+                r"\xff\xff\xff\xff\xff\xfe\xfe\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff",
+            ),
+            "arm" => (
+                r"\x7fELF\x01\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x28\x00",
+                r"\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff",
+            ),
+            other => return Err(format!("no ELF magic known for {other}")),
+        };
+        let interpreter = self
+            .interpreter
+            .to_str()
+            .filter(|p| !p.contains(':'))
+            .ok_or_else(|| format!("{}: unusable emulator path", self.interpreter.display()))?;
+        Ok(format!(
+            ":lathe-{}:M::{magic}:{mask}:{interpreter}:PF",
+            self.arch
+        ))
+    }
+}
+
+/// Everything the sandbox needs to run one process.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxSpec {
+    pub rootfs: RootFs,
+    pub binds: Vec<Bind>,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// The working directory inside the sandbox (created when missing).
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub network: Network,
+    pub emulator: Option<Emulator>,
+    pub hostname: String,
+}
+
+/// Messages from the sandbox's processes to this side, one JSON line each.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+enum Message {
+    Unshared,
+    /// The maps are written; `nested`: see [`nests_user_namespace`].
+    Mapped {
+        nested: bool,
+    },
+    NoUserNamespace(String),
+    OverlayUnavailable(String),
+    SetupFailed(String),
+    ExecFailed(String),
+}
+
+/// How a run is controlled from outside.
+pub struct RunControl<'a> {
+    /// The program to re-execute as the sandbox's init: lathe itself.
+    pub lathe_exe: PathBuf,
+    pub timeout: Option<Duration>,
+    /// Set (by a signal handler, say) to kill the sandbox.
+    pub cancel: &'a AtomicBool,
+}
+
+/// Why a run failed because overlayfs could not be mounted (the caller may retry on a copy).
+pub fn is_overlay_unavailable(error: &SandboxError) -> bool {
+    matches!(error, SandboxError::Setup(why) if why.starts_with("overlay on"))
+}
+
+/// Runs `spec` and returns the process's exit code (128+N when killed by signal N).
+pub fn run(spec: &SandboxSpec, control: &RunControl) -> Result<i32, SandboxError> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| io_error("socketpair", e))?;
+    let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    let spec_json = serde_json::to_string(spec).expect("specs serialize");
+    let mut command = Command::new(&control.lathe_exe);
+    command.arg(INIT_ARG).env(SPEC_ENV, spec_json);
+    // SAFETY: only async-signal-safe calls (dup2, prctl) between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(theirs_fd, SYNC_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| io_error(&control.lathe_exe.display().to_string(), e))?;
+    drop(theirs);
+    let pid = child.id();
+    let mut reader = BufReader::new(ours.try_clone().map_err(|e| io_error("socket", e))?);
+    let mut writer = ours;
+    let mut line = String::new();
+    let first = reader
+        .read_line(&mut line)
+        .ok()
+        .and_then(|_| serde_json::from_str::<Message>(&line).ok());
+    match first {
+        Some(Message::Unshared) => {}
+        Some(Message::NoUserNamespace(why)) => {
+            let _ = child.wait();
+            return Err(SandboxError::NoUserNamespace {
+                why,
+                diagnosis: diagnose_user_namespaces(),
+            });
+        }
+        Some(Message::SetupFailed(why)) => {
+            let _ = child.wait();
+            return Err(SandboxError::Setup(why));
+        }
+        _ => {
+            let status = child.wait().map_err(|e| io_error("wait", e))?;
+            return Err(SandboxError::Setup(format!(
+                "the sandbox's init ended early ({status})"
+            )));
+        }
+    }
+    let nested = match write_id_maps(pid) {
+        Ok(nested) => nested,
+        Err(why) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SandboxError::Setup(why));
+        }
+    };
+    let mapped = serde_json::to_string(&Message::Mapped { nested }).expect("serializes") + "\n";
+    writer
+        .write_all(mapped.as_bytes())
+        .map_err(|e| io_error("sandbox channel", e))?;
+
+    // Later messages (setup or exec failures) arrive until every holder of the socket is gone.
+    let messages = std::thread::spawn(move || {
+        let mut found = Vec::new();
+        for line in reader.lines().map_while(Result::ok) {
+            if let Ok(message) = serde_json::from_str::<Message>(&line) {
+                found.push(message);
+            }
+        }
+        found
+    });
+    let started = Instant::now();
+    let ended = loop {
+        if let Some(status) = child.try_wait().map_err(|e| io_error("wait", e))? {
+            break Ok(status);
+        }
+        if control.cancel.load(Ordering::SeqCst) {
+            break Err(SandboxError::Interrupted);
+        }
+        if let Some(limit) = control.timeout
+            && started.elapsed() > limit
+        {
+            break Err(SandboxError::TimedOut(limit));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = match ended {
+        Ok(status) => status,
+        Err(e) => {
+            // The init dies with its parent (PDEATHSIG), and the pid namespace with its init.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    drop(writer);
+    let messages = messages.join().unwrap_or_default();
+    for message in messages {
+        match message {
+            Message::SetupFailed(why) | Message::OverlayUnavailable(why) => {
+                return Err(SandboxError::Setup(why));
+            }
+            Message::ExecFailed(why) => return Err(SandboxError::Exec(why)),
+            _ => {}
+        }
+    }
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1))
+}
+
+fn io_error(what: &str, e: std::io::Error) -> SandboxError {
+    SandboxError::Io {
+        what: what.to_string(),
+        why: e.to_string(),
+    }
+}
+
+/// One line of /proc/PID/uid_map or gid_map: inside, outside, count.
+type IdRange = (u32, u32, u32);
+
+/// The sandbox's id map for a caller with id `caller` and an optional subordinate range
+/// (start, count): root keeps every id; anyone else is root inside (mounts and binfmt_misc
+/// need it), with the subordinate range filling 1–65535 when there is one.
+pub fn id_ranges(caller: u32, subordinate: Option<(u32, u32)>) -> Vec<IdRange> {
+    if caller == 0 {
+        return vec![(0, 0, u32::MAX)];
+    }
+    let mut ranges = vec![(0, caller, 1)];
+    if let Some((start, count)) = subordinate {
+        ranges.push((1, start, count.min(65535)));
+    }
+    ranges
+}
+
+/// Whether the payload runs in a nested user namespace that maps the sandbox's root (the
+/// caller) to the image user: when nothing but the caller is mapped, that is the only way to
+/// run as the image's user, and it makes the caller's files the image user's.
+pub fn nests_user_namespace(caller: u32, subordinate: Option<(u32, u32)>) -> bool {
+    caller != 0 && subordinate.is_none()
+}
+
+/// Writes the maps of process `pid`'s new user namespace; returns whether the payload must
+/// nest a user namespace of its own (see [`nests_user_namespace`]).
+fn write_id_maps(pid: u32) -> Result<bool, String> {
+    let caller_uid = nix::unistd::getuid().as_raw();
+    let caller_gid = nix::unistd::getgid().as_raw();
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let helpers =
+        Path::new("/usr/bin/newuidmap").exists() && Path::new("/usr/bin/newgidmap").exists();
+    let (sub_uid, sub_gid) = if helpers && caller_uid != 0 {
+        (
+            subordinate_range("/etc/subuid", user.as_deref(), caller_uid),
+            subordinate_range("/etc/subgid", user.as_deref(), caller_uid),
+        )
+    } else {
+        (None, None)
+    };
+    if let (Some(sub_uid), Some(sub_gid)) = (sub_uid, sub_gid) {
+        for (helper, ranges) in [
+            ("/usr/bin/newuidmap", id_ranges(caller_uid, Some(sub_uid))),
+            ("/usr/bin/newgidmap", id_ranges(caller_gid, Some(sub_gid))),
+        ] {
+            let mut args = vec![pid.to_string()];
+            for (inside, outside, count) in ranges {
+                args.extend([inside, outside, count].map(|n| n.to_string()));
+            }
+            let out = Command::new(helper)
+                .args(&args)
+                .output()
+                .map_err(|e| format!("{helper}: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "{helper} {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+        return Ok(false);
+    }
+    let write = |file: &str, text: String| {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, text).map_err(|e| format!("{path}: {e}"))
+    };
+    if caller_uid != 0 {
+        write("setgroups", "deny".into())?;
+    }
+    write("uid_map", format_map(&id_ranges(caller_uid, None)))?;
+    write("gid_map", format_map(&id_ranges(caller_gid, None)))?;
+    Ok(nests_user_namespace(caller_uid, None))
+}
+
+pub(crate) fn format_map(ranges: &[IdRange]) -> String {
+    ranges
+        .iter()
+        .map(|(i, o, c)| format!("{i} {o} {c}\n"))
+        .collect()
+}
+
+/// The caller's range in /etc/subuid or /etc/subgid (by name or uid), if it has 65536 ids.
+fn subordinate_range(file: &str, user: Option<&str>, uid: u32) -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let who = fields.next()?;
+        let start = fields.next()?.trim().parse().ok()?;
+        let count: u32 = fields.next()?.trim().parse().ok()?;
+        let ours = Some(who) == user || who == uid.to_string();
+        (ours && count >= 65536).then_some((start, count))
+    })
+}
+
+/// What stops user namespaces here, read from the settings that can.
+pub fn diagnose_user_namespaces() -> String {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    let mut findings = Vec::new();
+    if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
+        findings.push("sysctl kernel.unprivileged_userns_clone is 0 (set it to 1)".to_string());
+    }
+    if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
+        findings.push("sysctl user.max_user_namespaces is 0 (raise it)".to_string());
+    }
+    if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+        findings.push(
+            "AppArmor restricts unprivileged user namespaces \
+             (kernel.apparmor_restrict_unprivileged_userns=1; set it to 0 or give lathe a \
+             profile that allows userns)"
+                .to_string(),
+        );
+    }
+    let seccomp = read("/proc/self/status").and_then(|status| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:").map(|v| v.trim().to_string()))
+    });
+    if seccomp.as_deref() == Some("2") {
+        findings.push(
+            "a seccomp filter is active (Docker's and Kubernetes' default profiles refuse \
+             unshare: run the container with an unconfined seccomp profile or one that \
+             allows CLONE_NEWUSER)"
+                .to_string(),
+        );
+    }
+    if findings.is_empty() {
+        "No sysctl, AppArmor or seccomp setting explains it; the container runtime may \
+         forbid nested user namespaces."
+            .into()
+    } else {
+        format!("Found: {}.", findings.join("; "))
+    }
+}
+
+/// Whether user namespaces can be made here, tried in a throwaway child (this process may
+/// have threads, which unshare refuses).
+pub fn user_namespaces_work() -> bool {
+    let mut probe = Command::new("/bin/true");
+    // SAFETY: unshare is async-signal-safe; the child is single-threaded after fork.
+    unsafe {
+        probe.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWUSER) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    probe.status().is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_keeps_every_id() {
+        assert_eq!(id_ranges(0, None), vec![(0, 0, u32::MAX)]);
+        assert!(!nests_user_namespace(0, None));
+    }
+
+    #[test]
+    fn an_unprivileged_caller_is_root_inside_and_the_payload_nests() {
+        assert_eq!(id_ranges(2000, None), vec![(0, 2000, 1)]);
+        assert!(nests_user_namespace(2000, None));
+        assert_eq!(format_map(&id_ranges(2000, None)), "0 2000 1\n");
+    }
+
+    #[test]
+    fn a_subordinate_range_fills_1_to_65535() {
+        let ranges = id_ranges(2000, Some((100_000, 65536)));
+        assert_eq!(ranges, vec![(0, 2000, 1), (1, 100_000, 65535)]);
+        assert!(!nests_user_namespace(2000, Some((100_000, 65536))));
+    }
+
+    #[test]
+    fn registration_lines_name_the_interpreter_with_flags_pf() {
+        let e = Emulator {
+            arch: "arm64".into(),
+            interpreter: "/usr/bin/qemu-aarch64-static".into(),
+        };
+        let line = e.registration().unwrap();
+        assert!(line.starts_with(":lathe-arm64:M::\\x7fELF\\x02"), "{line}");
+        assert!(line.ends_with(":/usr/bin/qemu-aarch64-static:PF"), "{line}");
+        assert_eq!(line.matches(':').count(), 7);
+    }
+}
