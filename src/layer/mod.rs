@@ -14,6 +14,8 @@ use oci_spec::image::{Digest, MediaType};
 
 use crate::content::{Compression, HashingWriter};
 
+pub mod cnb;
+
 /// 1980-01-01T00:00:01Z, the mtime the CNB lifecycle gives every layer entry.
 pub const NORMALIZED_MTIME: u64 = 315_532_801;
 const GZIP_CHUNK: usize = 64 * 1024;
