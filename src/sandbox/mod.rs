@@ -247,7 +247,7 @@ pub fn run(spec: &SandboxSpec, control: &RunControl) -> Result<i32, SandboxError
             )));
         }
     }
-    let nested = match write_id_maps(pid) {
+    let nested = match write_id_maps(pid, spec.uid, spec.gid) {
         Ok(nested) => nested,
         Err(why) => {
             let _ = child.kill();
@@ -345,7 +345,7 @@ pub fn nests_user_namespace(caller: u32, subordinate: Option<(u32, u32)>) -> boo
 
 /// Writes the maps of process `pid`'s new user namespace; returns whether the payload must
 /// nest a user namespace of its own (see [`nests_user_namespace`]).
-fn write_id_maps(pid: u32) -> Result<bool, String> {
+fn write_id_maps(pid: u32, image_uid: u32, image_gid: u32) -> Result<bool, String> {
     let caller_uid = nix::unistd::getuid().as_raw();
     let caller_gid = nix::unistd::getgid().as_raw();
     let user = nix::unistd::User::from_uid(nix::unistd::getuid())
@@ -389,12 +389,46 @@ fn write_id_maps(pid: u32) -> Result<bool, String> {
         let path = format!("/proc/{pid}/{file}");
         std::fs::write(&path, text).map_err(|e| format!("{path}: {e}"))
     };
-    if caller_uid != 0 {
-        write("setgroups", "deny".into())?;
+    if caller_uid == 0 {
+        // Root keeps every id it has: all of them on a host, only some inside a rootless
+        // container's user namespace (`unshare --user --map-root-user`, say).
+        let uids = identity_of_own_ids("/proc/self/uid_map")?;
+        let gids = identity_of_own_ids("/proc/self/gid_map")?;
+        write("uid_map", format_map(&uids))?;
+        write("gid_map", format_map(&gids))?;
+        return Ok(!(covers(&uids, image_uid) && covers(&gids, image_gid)));
     }
+    write("setgroups", "deny".into())?;
     write("uid_map", format_map(&id_ranges(caller_uid, None)))?;
     write("gid_map", format_map(&id_ranges(caller_gid, None)))?;
     Ok(nests_user_namespace(caller_uid, None))
+}
+
+/// An identity map of the ids this process's own user namespace has.
+fn identity_of_own_ids(map_file: &str) -> Result<Vec<IdRange>, String> {
+    let text = std::fs::read_to_string(map_file).map_err(|e| format!("{map_file}: {e}"))?;
+    Ok(parse_map(&text)
+        .into_iter()
+        .map(|(inside, _, count)| (inside, inside, count))
+        .collect())
+}
+
+fn parse_map(text: &str) -> Vec<IdRange> {
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().map(|f| f.parse::<u32>());
+            match (fields.next(), fields.next(), fields.next()) {
+                (Some(Ok(i)), Some(Ok(o)), Some(Ok(c))) => Some((i, o, c)),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn covers(ranges: &[IdRange], id: u32) -> bool {
+    ranges
+        .iter()
+        .any(|&(inside, _, count)| id >= inside && (id - inside) < count)
 }
 
 pub(crate) fn format_map(ranges: &[IdRange]) -> String {
@@ -486,6 +520,16 @@ mod tests {
     fn root_keeps_every_id() {
         assert_eq!(id_ranges(0, None), vec![(0, 0, u32::MAX)]);
         assert!(!nests_user_namespace(0, None));
+    }
+
+    #[test]
+    fn maps_parse_and_cover() {
+        let host = parse_map("         0          0 4294967295\n");
+        assert!(covers(&host, 1001));
+        let rootless = parse_map("0 1000 1\n1 100000 65536\n");
+        assert_eq!(rootless, vec![(0, 1000, 1), (1, 100_000, 65536)]);
+        assert!(covers(&rootless, 65536) && !covers(&rootless, 65537));
+        assert!(!covers(&parse_map("0 1000 1"), 1001));
     }
 
     #[test]
