@@ -276,9 +276,7 @@ pub fn run_image(
         Err(e) if sandbox::is_overlay_unavailable(&e) => {
             let copy = scratch.path().join("copy");
             copy_tree(&rootfs, &copy)?;
-            notes.push(format!(
-                "overlayfs is unavailable here ({e}); ran on a private copy"
-            ));
+            tracing::warn!("overlayfs is unavailable here ({e}); running on a private copy");
             spec.rootfs = RootFs::Private(copy);
             sandbox::run(&spec, &control)
         }
