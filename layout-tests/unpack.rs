@@ -309,8 +309,8 @@ fn unpack_as_an_unprivileged_user_records_owners_in_xattrs() {
     assert_eq!(tree_facts(&root), tree_facts(&theirs.join("rootfs")));
 }
 
-/// The synthetic benchmark image at a reduced size (small files, large files, symlinks,
-/// whiteouts and an opaque directory across three layers): the same tree as umoci's.
+/// The synthetic benchmark image at full size (~200 MB: 20k small files, large files, symlinks,
+/// hardlinks, whiteouts and an opaque directory across three layers): the same tree as umoci's.
 #[test]
 fn unpack_matches_umoci_on_the_synthetic_image() {
     let tmp = scratch();
@@ -319,8 +319,6 @@ fn unpack_matches_umoci_on_the_synthetic_image() {
         .arg(repo_root().join("testdata/make-synthetic-image.sh"))
         .arg(&layout)
         .env("MKIMAGE", mkimage_bin())
-        .env("SIZE_MB", "8")
-        .env("SMALL_FILES", "10200")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
@@ -354,6 +352,16 @@ fn unpack_matches_umoci_on_the_synthetic_image() {
         "opaque dir"
     );
     assert!(facts.len() > 10_000, "{}", facts.len());
+    for tree in [mine.clone(), theirs.join("rootfs")] {
+        let ino = |p: &str| fs::metadata(tree.join(p)).unwrap().ino();
+        assert_eq!(
+            ino("app/pkg000/file00001.txt"),
+            ino("app/pkg000/same00001.txt"),
+            "hardlink in {}",
+            tree.display()
+        );
+        assert_eq!(ino("data/blob1.bin"), ino("data/blob1-again.bin"));
+    }
 
     // On a terminal the same unpack draws a progress bar; through a pipe (above) it does not.
     let piped = lathe(&[

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes the synthetic benchmark image into the OCI layout OUTDIR under ref "synthetic": three
-# layers with ~20k small files, a few large ones, symlinks and whiteouts of files from lower
+# layers with ~20k small files, a few large ones, symlinks, hardlinks and whiteouts of files from lower
 # layers. SIZE_MB (default 200) scales the large files; the data is pseudo-random but fixed
 # (seeded), so the image is the same on every run.
 #
@@ -39,6 +39,10 @@ for i in range(n_big):  # half random (incompressible), half text
         f.write(rng.randbytes(per // 2) + text(per // 2))
 for i in range(200):
     os.symlink(f"../app/pkg{i % 100:03d}/file{i * 7:05d}.txt", os.path.join(big, f"link{i:03d}"))
+for j in range(1, 1000, 20):  # hardlinks within a layer: small files, and one large one
+    d = os.path.join(l1, "app", f"pkg{j // 200:03d}")
+    os.link(os.path.join(d, f"file{j:05d}.txt"), os.path.join(d, f"same{j:05d}.txt"))
+os.link(os.path.join(big, "blob1.bin"), os.path.join(big, "blob1-again.bin"))
 for i in range(0, 2000, 10):  # whiteouts of lower-layer files, and one opaque dir
     d = os.path.join(l3, "app", f"pkg{i // 200:03d}")
     os.makedirs(d, exist_ok=True)

@@ -6,6 +6,7 @@
 //! names, owners from explicit rules. gzip goes through zlib-rs, whose output depends on how
 //! writes are split, so a fixed-size chunker sits in front of it (crates.md §5).
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Component, Path, PathBuf};
@@ -63,6 +64,9 @@ pub fn write_dir_layer<W: Write>(
         GZIP_CHUNK, encoder,
     )));
     tar.follow_symlinks(false);
+    // A file with several links is written once; later names become hardlink entries to the
+    // first name in sorted order (deterministic: the order does not depend on the walk).
+    let mut first_links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let walker = walkdir::WalkDir::new(dir)
         .min_depth(1)
         .sort_by_file_name()
@@ -73,7 +77,7 @@ pub fn write_dir_layer<W: Write>(
             .path()
             .strip_prefix(dir)
             .expect("walkdir yields paths under its root");
-        append_entry(&mut tar, entry.path(), rel, owners)?;
+        append_entry(&mut tar, entry.path(), rel, owners, &mut first_links)?;
     }
     let tar_hasher = tar.into_inner()?;
     let (diff_id, _, buffered) = tar_hasher.finish();
@@ -249,6 +253,7 @@ fn append_entry<W: Write>(
     path: &Path,
     rel: &Path,
     owners: &Ownership,
+    first_links: &mut HashMap<(u64, u64), PathBuf>,
 ) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let meta = fs::symlink_metadata(path)?;
@@ -259,6 +264,18 @@ fn append_entry<W: Write>(
     header.set_mtime(NORMALIZED_MTIME);
     header.set_mode(meta.mode() & 0o7777);
     let ft = meta.file_type();
+    if ft.is_file() && meta.nlink() > 1 {
+        match first_links.entry((meta.dev(), meta.ino())) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                header.set_entry_type(tar::EntryType::Link);
+                header.set_size(0);
+                return tar.append_link(&mut header, rel, first.get());
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(rel.to_path_buf());
+            }
+        }
+    }
     if ft.is_dir() {
         header.set_entry_type(tar::EntryType::Directory);
         header.set_size(0);
@@ -517,6 +534,43 @@ mod tests {
         assert_eq!(compressed[0], compressed[1]);
         assert_eq!(compressed[0], compressed[2]);
         assert_eq!(zstd::decode_all(&compressed[0][..]).unwrap(), data);
+    }
+
+    #[test]
+    fn hardlinked_files_are_written_once_then_linked_to_the_first_name() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("b"), b"shared").unwrap();
+        fs::hard_link(dir.path().join("b"), dir.path().join("a")).unwrap();
+        fs::hard_link(dir.path().join("b"), dir.path().join("c")).unwrap();
+        let (_, tar_bytes) = write_dir_layer(
+            dir.path(),
+            &Ownership::default(),
+            "none".parse().unwrap(),
+            Vec::new(),
+        )
+        .unwrap();
+        let mut archive = tar::Archive::new(&tar_bytes[..]);
+        let entries: Vec<(String, tar::EntryType, Option<String>, u64)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().entry_type(),
+                    e.link_name().unwrap().map(|l| l.display().to_string()),
+                    e.size(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                ("a".into(), tar::EntryType::Regular, None, 6),
+                ("b".into(), tar::EntryType::Link, Some("a".into()), 0),
+                ("c".into(), tar::EntryType::Link, Some("a".into()), 0),
+            ]
+        );
     }
 
     #[test]
