@@ -429,8 +429,12 @@ pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-/// The exit code for an error: 3 for bad arguments, 1 otherwise.
+/// The exit code for an error: 3 for bad arguments, 126/127 when `lathe run` can't execute
+/// the program, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
+    if let Some(e) = err.downcast_ref::<crate::run::RunError>() {
+        return e.exit_code();
+    }
     match err.downcast_ref::<image::ImageError>() {
         Some(e) if e.is_usage() => EXIT_USAGE,
         _ => EXIT_FAILURE,

@@ -25,6 +25,22 @@ pub enum RunError {
     Sandbox(#[from] sandbox::SandboxError),
     #[error("{0}")]
     Invalid(String),
+    /// The user's arguments are at fault (exit code 3).
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl RunError {
+    /// The exit code cli-conventions.md gives this error: 3 for bad arguments, 127/126 when
+    /// the program can't be found or run (as shells and container engines do), 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Usage(_) => 3,
+            RunError::Image(e) if e.is_usage() => 3,
+            RunError::Sandbox(sandbox::SandboxError::Exec { code, .. }) => *code,
+            _ => 1,
+        }
+    }
 }
 
 /// `--sandbox auto|userns|none`.
@@ -205,6 +221,20 @@ pub fn run_image(
         .map_err(|e| RunError::Invalid(format!("{}: config: {e}", source.describe())))?;
     let image_platform = image::config_platform(&serde_json::to_vec(&config).unwrap_or_default())
         .unwrap_or_else(|| wanted.clone());
+    if let Some(kind) = &request.process
+        && (kind.is_empty() || kind.contains('/'))
+    {
+        return Err(RunError::Usage(format!(
+            "--process {kind:?}: process type {kind:?} is not a valid name"
+        )));
+    }
+    if request.sandbox == SandboxMode::None {
+        return Err(RunError::Usage(
+            "lathe run --sandbox none would run the host's programs, not the image's; it is \
+             for builds inside the builder image (use --sandbox userns or auto)"
+                .into(),
+        ));
+    }
     let process = process_from_config(
         &config,
         request.process.as_deref(),
@@ -213,25 +243,15 @@ pub fn run_image(
     )
     .map_err(|why| RunError::Invalid(format!("{}: {why}", source.describe())))?;
 
-    let mode = match request.sandbox {
-        SandboxMode::Auto if sandbox::user_namespaces_work() => SandboxMode::Userns,
-        SandboxMode::Auto => {
-            return Err(sandbox::SandboxError::NoUserNamespace {
-                why: "unshare(CLONE_NEWUSER) was refused".into(),
-                diagnosis: sandbox::diagnose_user_namespaces(),
-            }
-            .into());
+    // `auto` means user namespaces for `lathe run` (`none` is refused above); where they are
+    // unavailable, say why before unpacking anything.
+    if request.sandbox == SandboxMode::Auto && !sandbox::user_namespaces_work() {
+        return Err(sandbox::SandboxError::NoUserNamespace {
+            why: "unshare(CLONE_NEWUSER) was refused".into(),
+            diagnosis: sandbox::diagnose_user_namespaces(),
         }
-        other => other,
-    };
-    if mode == SandboxMode::None {
-        return Err(RunError::Invalid(
-            "lathe run --sandbox none would run the host's programs, not the image's; it is \
-             for builds inside the builder image (use --sandbox userns or auto)"
-                .into(),
-        ));
+        .into());
     }
-
     let store = Store::open(&request.store)?;
     let (rootfs, reused) = store.rootfs(
         source,

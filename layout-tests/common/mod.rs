@@ -213,3 +213,155 @@ pub fn image_with_layer_blobs(dir: &Path, layers: &[Vec<u8>], gzip: bool) -> (St
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A world-readable copy of the lathe binary and the fixture images (`DIR/lathe` and
+/// `DIR/images`), made once per test process under /dev/shm, for tests that run lathe as
+/// another user (the clone and the target directory may not be readable by them). Copies
+/// left by test processes that are gone are removed first.
+pub fn world_readable_lathe_and_fixtures() -> &'static Path {
+    use std::os::unix::fs::PermissionsExt;
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = if Path::new("/dev/shm").is_dir() {
+            Path::new("/dev/shm")
+        } else {
+            Path::new("/tmp")
+        };
+        let prefix = "lathe-world-";
+        for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name
+                .strip_prefix(prefix)
+                .and_then(|p| p.parse::<i32>().ok())
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = lathe::store::remove_tree(&entry.path());
+            }
+        }
+        let dir = base.join(format!("{prefix}{}", std::process::id()));
+        let _ = lathe::store::remove_tree(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(lathe_bin(), dir.join("lathe")).unwrap();
+        tool(
+            "cp",
+            &[
+                "-a",
+                fixtures().to_str().unwrap(),
+                dir.join("images").to_str().unwrap(),
+            ],
+        );
+        tool("chmod", &["-R", "a+rX", dir.to_str().unwrap()]);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    })
+}
+
+/// A user with subordinate id ranges, for the sandbox's newuidmap/newgidmap path.
+#[derive(Debug, Clone, Copy)]
+pub struct SubidUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// The first host id of its /etc/subuid and /etc/subgid ranges (65536 ids each).
+    pub subuid_start: u32,
+    pub subgid_start: u32,
+}
+
+pub const SUBID_USER: &str = "lathe-subid-test";
+
+/// The dedicated user `lathe-subid-test`, created when missing (needs root: the test fails
+/// with a message saying so otherwise), with ranges of 65536 ids in /etc/subuid and
+/// /etc/subgid (Debian's useradd adds them from login.defs; added explicitly otherwise).
+/// No other user is touched.
+pub fn subid_test_user() -> SubidUser {
+    static USER: OnceLock<SubidUser> = OnceLock::new();
+    *USER.get_or_init(|| {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let lookup = || {
+            let out = Command::new("id").arg(SUBID_USER).output().unwrap();
+            out.status.success().then(|| {
+                let n = |flag: &str| {
+                    String::from_utf8(
+                        Command::new("id")
+                            .args([flag, SUBID_USER])
+                            .output()
+                            .unwrap()
+                            .stdout,
+                    )
+                    .unwrap()
+                    .trim()
+                    .parse::<u32>()
+                    .unwrap()
+                };
+                (n("-u"), n("-g"))
+            })
+        };
+        let range = |file: &str| -> Option<u32> {
+            std::fs::read_to_string(file)
+                .ok()?
+                .lines()
+                .find_map(|line| {
+                    let mut f = line.split(':');
+                    (f.next()? == SUBID_USER).then_some(())?;
+                    let start = f.next()?.trim().parse().ok()?;
+                    let count: u32 = f.next()?.trim().parse().ok()?;
+                    (count >= 65536).then_some(start)
+                })
+        };
+        if lookup().is_none() {
+            assert!(
+                root,
+                "this test needs the user {SUBID_USER} with /etc/subuid and /etc/subgid ranges \
+                 of 65536 ids: run the tests as root (as CI does) so that they can create it, \
+                 or create it yourself (useradd {SUBID_USER})"
+            );
+            tool(
+                "useradd",
+                &[
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    SUBID_USER,
+                ],
+            );
+        }
+        let (uid, gid) = lookup().expect("the subid test user exists");
+        for (file, flag) in [
+            ("/etc/subuid", "--add-subuids"),
+            ("/etc/subgid", "--add-subgids"),
+        ] {
+            if range(file).is_some() {
+                continue;
+            }
+            assert!(
+                root,
+                "{SUBID_USER} has no range of 65536 ids in {file}: run the tests as root so \
+                 that they can add one, or add it yourself (usermod {flag} START-END)"
+            );
+            // Past every range already given out, so no other user's ids are shared.
+            let end = std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    Some(
+                        f.get(1)?.trim().parse::<u64>().ok()?
+                            + f.get(2)?.trim().parse::<u64>().ok()?,
+                    )
+                })
+                .max()
+                .unwrap_or(0)
+                .max(100_000);
+            tool(
+                "usermod",
+                &[flag, &format!("{end}-{}", end + 65535), SUBID_USER],
+            );
+        }
+        SubidUser {
+            uid,
+            gid,
+            subuid_start: range("/etc/subuid").expect("a subuid range"),
+            subgid_start: range("/etc/subgid").expect("a subgid range"),
+        }
+    })
+}

@@ -4,12 +4,14 @@
 //! ([`super::plan`]), forks the payload as the image user, forwards signals to it and exits
 //! with its status, which takes every other process of the namespace with it.
 
+use std::convert::Infallible;
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
+use nix::errno::Errno;
 use nix::sched::CloneFlags;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -146,8 +148,8 @@ fn pid1(spec: SandboxSpec, nested: bool, mut report: Reporter, parent_alive: Own
     let payload = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             let _ = forwarded.thread_unblock();
-            let why = exec_payload(&spec, nested);
-            report.fail(Message::ExecFailed(why))
+            let (why, code) = exec_payload(&spec, nested);
+            report.fail(Message::ExecFailed { why, code })
         }
         Ok(ForkResult::Parent { child }) => child,
         Err(e) => report.fail(Message::SetupFailed(format!("fork: {e}"))),
@@ -175,34 +177,44 @@ fn pid1(spec: SandboxSpec, nested: bool, mut report: Reporter, parent_alive: Own
     }
 }
 
-/// Becomes the image user in the working directory and execs the payload; returns why not.
-fn exec_payload(spec: &SandboxSpec, nested: bool) -> String {
+/// Becomes the image user in the working directory and execs the payload; returns why not,
+/// with 127 when the program is not there and 126 otherwise.
+fn exec_payload(spec: &SandboxSpec, nested: bool) -> (String, i32) {
+    match prepare_and_exec(spec, nested) {
+        Err((why, Some(Errno::ENOENT))) | Err((why, Some(Errno::ENOTDIR))) => (why, 127),
+        Err((why, _)) => (why, 126),
+    }
+}
+
+type ExecFailure = (String, Option<Errno>);
+
+fn prepare_and_exec(spec: &SandboxSpec, nested: bool) -> Result<Infallible, ExecFailure> {
     let gid = Gid::from_raw(spec.gid);
     let uid = Uid::from_raw(spec.uid);
     if nested && let Err(why) = nest_as_image_user(spec.uid, spec.gid) {
-        return format!("becoming the image user {}:{}: {why}", spec.uid, spec.gid);
+        let why = format!("becoming the image user {}:{}: {why}", spec.uid, spec.gid);
+        return Err((why, None));
     }
     // Refused (EPERM) when setgroups is denied in a single-id map; there are no groups to drop
     // then anyway.
     let _ = nix::unistd::setgroups(&[gid]);
-    if let Err(e) = nix::unistd::setresgid(gid, gid, gid) {
-        return format!("becoming group {}: {e}", spec.gid);
-    }
-    if let Err(e) = nix::unistd::setresuid(uid, uid, uid) {
-        return format!("becoming user {}: {e}", spec.uid);
-    }
-    if let Err(e) = nix::unistd::chdir(Path::new(&spec.cwd)) {
-        return format!("working directory {}: {e}", spec.cwd);
-    }
+    nix::unistd::setresgid(gid, gid, gid)
+        .map_err(|e| (format!("becoming group {}: {e}", spec.gid), None))?;
+    nix::unistd::setresuid(uid, uid, uid)
+        .map_err(|e| (format!("becoming user {}: {e}", spec.uid), None))?;
+    nix::unistd::chdir(Path::new(&spec.cwd))
+        .map_err(|e| (format!("working directory {}: {e}", spec.cwd), None))?;
     let Some(program) = spec.argv.first() else {
-        return "nothing to run: the image has no entrypoint or command".into();
+        let why = "nothing to run: the image has no entrypoint or command";
+        return Err((why.into(), Some(Errno::ENOENT)));
     };
     let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map_or(
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         |(_, v)| v,
     );
     let Some(resolved) = find_program(program, path_var) else {
-        return format!("{program}: not found in the image (PATH={path_var})");
+        let why = format!("{program}: not found in the image (PATH={path_var})");
+        return Err((why, Some(Errno::ENOENT)));
     };
     let to_c = |s: &str| CString::new(s).unwrap_or_default();
     let argv: Vec<CString> = spec.argv.iter().map(|a| to_c(a)).collect();
@@ -211,8 +223,8 @@ fn exec_payload(spec: &SandboxSpec, nested: bool) -> String {
         .iter()
         .map(|(k, v)| to_c(&format!("{k}={v}")))
         .collect();
-    let errno = nix::unistd::execve(&to_c(&resolved), &argv, &env).unwrap_err();
-    format!("exec {resolved}: {}", errno.desc())
+    nix::unistd::execve(&to_c(&resolved), &argv, &env)
+        .map_err(|errno| (format!("exec {resolved}: {}", errno.desc()), Some(errno)))
 }
 
 /// Enters a new user namespace in which this process (root of the sandbox's namespace) is

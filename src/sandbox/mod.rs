@@ -45,8 +45,9 @@ pub enum SandboxError {
     NoUserNamespace { why: String, diagnosis: String },
     #[error("sandbox setup: {0}")]
     Setup(String),
-    #[error("{0}")]
-    Exec(String),
+    /// The payload could not be executed; `code` is 127 (not found) or 126.
+    #[error("{why}")]
+    Exec { why: String, code: i32 },
     #[error("the sandbox ran longer than {0:?} and was killed")]
     TimedOut(Duration),
     #[error("interrupted; the sandbox was killed")]
@@ -181,7 +182,10 @@ enum Message {
     NoUserNamespace(String),
     OverlayUnavailable(String),
     SetupFailed(String),
-    ExecFailed(String),
+    ExecFailed {
+        why: String,
+        code: i32,
+    },
 }
 
 /// How a run is controlled from outside.
@@ -301,7 +305,7 @@ pub fn run(spec: &SandboxSpec, control: &RunControl) -> Result<i32, SandboxError
             Message::SetupFailed(why) | Message::OverlayUnavailable(why) => {
                 return Err(SandboxError::Setup(why));
             }
-            Message::ExecFailed(why) => return Err(SandboxError::Exec(why)),
+            Message::ExecFailed { why, code } => return Err(SandboxError::Exec { why, code }),
             _ => {}
         }
     }
