@@ -484,14 +484,30 @@ impl Transaction {
         if self.has_blob(desc.digest()) {
             return Ok(());
         }
+        self.stage_blob(desc, reader, source)?.finish(self)?;
+        Ok(())
+    }
+
+    /// The part of [`Transaction::write_blob`] that several threads may run at once: streams
+    /// `reader` into a temporary file in the staging area, verifying it against `desc`.
+    /// [`BlobWriter::finish`] then gives it its name.
+    pub fn stage_blob(
+        &self,
+        desc: &Descriptor,
+        reader: impl Read,
+        source: &str,
+    ) -> Result<BlobWriter> {
+        content::check_descriptor(desc).map_err(|why| LayoutError::BadBlob {
+            dir: self.target.clone(),
+            why,
+        })?;
         let mut writer = self.blob_writer()?;
         let mut verifying = VerifyingReader::new(reader, desc, source.to_string());
         io::copy(&mut verifying, &mut writer.inner).map_err(|e| LayoutError::BadBlob {
             dir: self.target.clone(),
             why: e.to_string(),
         })?;
-        writer.finish(self)?;
-        Ok(())
+        Ok(writer)
     }
 
     /// Stages a blob from bytes lathe made (a manifest, config or index).

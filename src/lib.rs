@@ -12,5 +12,7 @@ pub mod inspect;
 pub mod layer;
 pub mod layout;
 pub mod platform;
+pub mod progress;
 pub mod reference;
+pub mod registry;
 pub mod unpack;

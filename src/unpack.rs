@@ -26,7 +26,7 @@ use pathrs::flags::OpenFlags;
 use pathrs::{InodeType, Root};
 use sha2::{Digest as _, Sha256};
 
-use crate::content::{self, Kind};
+use crate::content::{self, ChannelReader, Kind};
 use crate::image::{self, ImageError, ImageSource};
 use crate::layer;
 
@@ -196,11 +196,7 @@ impl Unpacker {
         std::thread::scope(|scope| {
             let (sender, receiver) = std::sync::mpsc::sync_channel(DECODE_QUEUE);
             scope.spawn(move || decode_into(blob, compression, sender));
-            let tar_stream = ChannelReader {
-                receiver,
-                chunk: Vec::new(),
-                pos: 0,
-            };
+            let tar_stream = ChannelReader::new(receiver);
             self.apply_tar(tar_stream, &layer_name, diff_id)
         })?;
         self.report.layers += 1;
@@ -533,32 +529,6 @@ fn decode_into(
             Ok(()) if filled < DECODE_CHUNK => return,
             Ok(()) => {}
         }
-    }
-}
-
-/// Reads the chunks [`decode_into`] sends; the channel closing is the end of the stream.
-struct ChannelReader {
-    receiver: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    chunk: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.chunk.len() {
-            match self.receiver.recv() {
-                Ok(Ok(chunk)) => {
-                    self.chunk = chunk;
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len() - self.pos);
-        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
     }
 }
 
