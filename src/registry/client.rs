@@ -783,7 +783,7 @@ impl Registry {
         if retry {
             Attempt::Retry {
                 error,
-                maybe_landed: whole_blob_sent && is_transient(status),
+                maybe_landed: whole_blob_sent && status == StatusCode::GATEWAY_TIMEOUT,
             }
         } else if matches!(status.as_u16(), 400 | 405 | 411 | 413 | 415 | 416) {
             Attempt::UseChunked(error)
@@ -852,13 +852,15 @@ impl Registry {
             match result {
                 Ok(r) if r.status() == StatusCode::CREATED || r.status().is_success() => Ok(()),
                 Ok(r) => Err(self.upload_failure(what, r, true)),
+                // A timeout after the whole body went out may be a slow finalisation; a
+                // dropped connection is simply retried (the next try starts with a HEAD).
                 Err(e) => Err(Attempt::Retry {
+                    maybe_landed: e.is_timeout(),
                     error: RegistryError::Unreachable {
                         what: what.into(),
                         why: describe_transport_error(&e),
                     }
                     .into(),
-                    maybe_landed: true,
                 }),
             }
         })
@@ -925,7 +927,7 @@ impl Registry {
             })
             .map_err(|e| Attempt::Retry {
                 error: e.into(),
-                maybe_landed: true,
+                maybe_landed: false,
             })?;
         if response.status().is_success() {
             Ok(())
