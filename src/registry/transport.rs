@@ -338,3 +338,39 @@ impl ImageSink for RegistrySink {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(media_type: &str, child_type: &str) -> (Descriptor, Vec<u8>) {
+        let child = format!("sha256:{}", "a".repeat(64));
+        let bytes = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "manifests": [{"mediaType": child_type, "digest": child, "size": 10}],
+        }))
+        .unwrap();
+        let desc = Descriptor::new(
+            MediaType::from(media_type),
+            bytes.len() as u64,
+            content::sha256_digest(&bytes),
+        );
+        (desc, bytes)
+    }
+
+    #[test]
+    fn media_type_families_are_never_mixed() {
+        let oci_index = "application/vnd.oci.image.index.v1+json";
+        let oci_manifest = "application/vnd.oci.image.manifest.v1+json";
+        let (d, b) = index(oci_index, oci_manifest);
+        assert!(check_family(&d, &b, "t").is_ok());
+        let (d, b) = index(content::DOCKER_MANIFEST_LIST, content::DOCKER_MANIFEST);
+        assert!(check_family(&d, &b, "t").is_ok());
+        let (d, b) = index(oci_index, content::DOCKER_MANIFEST);
+        let err = check_family(&d, &b, "t").unwrap_err().to_string();
+        assert!(err.contains("mixes OCI and Docker"), "{err}");
+        let (d, b) = index(content::DOCKER_MANIFEST_LIST, oci_manifest);
+        assert!(check_family(&d, &b, "t").is_err());
+    }
+}
