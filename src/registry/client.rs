@@ -12,8 +12,8 @@
 //!   stretch of a download; an upload's request also gets time for its size.
 
 use std::io::{self, Read};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use oci_spec::image::{Descriptor, Digest};
@@ -22,9 +22,9 @@ use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::header::{HeaderMap, HeaderValue};
 
 use super::RegistryError;
-use super::auth::{self, Challenge, Credential, JsonLimited as _, Token};
+use super::auth::{self, Challenge, Credential, Token};
 use super::settings::{self, Settings};
-use crate::content::{self, ChannelReader};
+use crate::content;
 use crate::image::ImageError;
 use crate::progress::BlobProgress;
 
@@ -33,7 +33,7 @@ pub const MAX_ATTEMPTS: u32 = 6;
 /// The size of each PATCH when a registry refuses monolithic uploads.
 const CHUNK_SIZE: usize = 8 << 20;
 /// The chunks the upload pipe carries from the source to the request body.
-const PIPE_CHUNK: usize = 256 << 10;
+const PIPE_CHUNK: usize = 1 << 20;
 /// The slowest upload rate lathe waits for before a blob PUT counts as stalled.
 const MIN_UPLOAD_RATE: u64 = 1 << 20;
 
@@ -68,6 +68,16 @@ pub struct Registry {
     auth: Mutex<AuthState>,
     timeout: Duration,
     requests: AtomicU64,
+    settings: Settings,
+    uploader: OnceLock<Uploader>,
+}
+
+/// reqwest's async client on a small runtime of its own, for blob uploads only: its body
+/// takes large chunks, where the blocking client's moves 8 KiB at a time (three times
+/// skopeo's CPU on a 150 MB layer).
+struct Uploader {
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
 }
 
 /// Opens a blob's bytes, verified, once for each try of an upload.
@@ -149,11 +159,16 @@ fn is_transient(status: StatusCode) -> bool {
     status == StatusCode::TOO_MANY_REQUESTS || matches!(status.as_u16(), 500 | 502 | 503 | 504)
 }
 
+/// The first MiB of an answer's body, for its error text.
+fn read_error_body(response: Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    let _ = response.take(1 << 20).read_to_end(&mut body);
+    body
+}
+
 /// The `errors[0]` of a registry error body, as "CODE: message".
-fn registry_error_text(response: Response) -> String {
-    let status = response.status();
-    let detail = response
-        .json_limited()
+fn registry_error_text(status: StatusCode, body: &[u8]) -> String {
+    let detail = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| {
             let e = v.get("errors")?.get(0)?;
@@ -202,6 +217,8 @@ impl Registry {
             auth: Mutex::new(AuthState::Anonymous),
             timeout: settings.timeout,
             requests: AtomicU64::new(0),
+            settings: settings.clone(),
+            uploader: OnceLock::new(),
         };
         let may_use_http = settings::is_loopback(host) || settings.is_insecure(host);
         let https = registry.ping(!may_use_http);
@@ -446,13 +463,17 @@ impl Registry {
     /// The error for an answer that is not what a step wanted.
     fn refusal(&self, what: &str, response: Response) -> RegistryError {
         let status = response.status();
+        self.refusal_from(what, status, &read_error_body(response))
+    }
+
+    fn refusal_from(&self, what: &str, status: StatusCode, body: &[u8]) -> RegistryError {
         let why = match status {
             StatusCode::UNAUTHORIZED => match self.credential {
                 Some(_) => "authentication failed: the registry refused the credentials".into(),
                 None => "authentication required: no credentials for this registry (use --creds, --authfile or CNB_REGISTRY_AUTH)".into(),
             },
             StatusCode::FORBIDDEN => "access denied".into(),
-            _ => registry_error_text(response),
+            _ => registry_error_text(status, body),
         };
         if is_transient(status) {
             RegistryError::Unreachable {
@@ -484,7 +505,7 @@ impl Registry {
         match response.status() {
             s if s.is_success() => {}
             StatusCode::NOT_FOUND => {
-                let text = registry_error_text(response);
+                let text = registry_error_text(StatusCode::NOT_FOUND, &read_error_body(response));
                 let why = if text.contains("NAME_UNKNOWN") {
                     format!("repository {repository} does not exist")
                 } else if reference.starts_with("sha256:") {
@@ -771,15 +792,20 @@ impl Registry {
     }
 
     /// The error for an upload step's answer, sorted by what to do next.
-    fn upload_failure(&self, what: &str, response: Response, whole_blob_sent: bool) -> Attempt {
-        let status = response.status();
+    fn upload_failure(
+        &self,
+        what: &str,
+        status: StatusCode,
+        body: &[u8],
+        whole_blob_sent: bool,
+    ) -> Attempt {
         if status == StatusCode::UNAUTHORIZED {
             self.forget_token();
         }
         let retry = is_transient(status)
             || status == StatusCode::UNAUTHORIZED
             || status == StatusCode::NOT_FOUND;
-        let error: ImageError = self.refusal(what, response).into();
+        let error: ImageError = self.refusal_from(what, status, body).into();
         if retry {
             Attempt::Retry {
                 error,
@@ -792,8 +818,8 @@ impl Registry {
         }
     }
 
-    /// One PUT with the whole blob, streamed from the source through a pipe (the request
-    /// body must own its reader).
+    /// One PUT with the whole blob, streamed from the source by a producer thread in
+    /// [`PIPE_CHUNK`] pieces through reqwest's async body (see [`Uploader`]).
     fn upload_whole<'s>(
         &self,
         session: reqwest::Url,
@@ -806,7 +832,8 @@ impl Registry {
         url.query_pairs_mut()
             .append_pair("digest", desc.digest().as_ref());
         let auth = self.authorization().map_err(|e| Attempt::Fatal(e.into()))?;
-        let (sender, receiver) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(8);
+        let uploader = self.uploader().map_err(|e| Attempt::Fatal(e.into()))?;
+        let (sender, receiver) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(4);
         std::thread::scope(|scope| {
             let producer = scope.spawn(move || -> Result<(), ImageError> {
                 let mut reader = open()?;
@@ -817,12 +844,13 @@ impl Registry {
                         Ok(n) => {
                             chunk.truncate(n);
                             progress.advance(n as u64);
-                            if sender.send(Ok(chunk)).is_err() {
+                            if sender.blocking_send(Ok(chunk.into())).is_err() {
                                 return Ok(());
                             }
                         }
                         Err(e) => {
-                            let _ = sender.send(Err(io::Error::other("the source failed")));
+                            let _ =
+                                sender.blocking_send(Err(io::Error::other("the source failed")));
                             return Err(ImageError::Io {
                                 what: format!("{what}: reading the source"),
                                 source: e,
@@ -831,27 +859,33 @@ impl Registry {
                     }
                 }
             });
-            let mut request = self
-                .http
+            let body_stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+                receiver.recv().await.map(|chunk| (chunk, receiver))
+            });
+            let mut request = uploader
+                .client
                 .put(url)
                 .header("Content-Type", "application/octet-stream")
+                .header("Content-Length", desc.size())
                 .timeout(self.upload_timeout(desc.size()))
-                .body(reqwest::blocking::Body::sized(
-                    ChannelReader::new(receiver),
-                    desc.size(),
-                ));
+                .body(reqwest::Body::wrap_stream(body_stream));
             if let Some(h) = auth {
                 request = request.header("Authorization", h);
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let result = request.send();
+            let result = uploader.runtime.block_on(async {
+                let response = request.send().await?;
+                let status = response.status();
+                let body = response.bytes().await.unwrap_or_default();
+                Ok::<_, reqwest::Error>((status, body))
+            });
             let source = producer.join().expect("the upload pipe does not panic");
             if let Err(e) = source {
                 return Err(Attempt::Fatal(e));
             }
             match result {
-                Ok(r) if r.status() == StatusCode::CREATED || r.status().is_success() => Ok(()),
-                Ok(r) => Err(self.upload_failure(what, r, true)),
+                Ok((status, _)) if status.is_success() => Ok(()),
+                Ok((status, body)) => Err(self.upload_failure(what, status, &body, true)),
                 // A timeout after the whole body went out may be a slow finalisation; a
                 // dropped connection is simply retried (the next try starts with a HEAD).
                 Err(e) => Err(Attempt::Retry {
@@ -864,6 +898,25 @@ impl Registry {
                 }),
             }
         })
+    }
+
+    /// The async client and runtime for uploads, made on first use.
+    fn uploader(&self) -> Result<&Uploader, RegistryError> {
+        if let Some(u) = self.uploader.get() {
+            return Ok(u);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("lathe-upload")
+            .enable_all()
+            .build()
+            .map_err(|e| RegistryError::Config {
+                what: self.name.clone(),
+                why: format!("cannot start the upload runtime: {e}"),
+            })?;
+        let client = build_async_client(&self.host, &self.settings)?;
+        let _ = self.uploader.set(Uploader { runtime, client });
+        Ok(self.uploader.get().expect("just set"))
     }
 
     /// PATCHes of [`CHUNK_SIZE`] (or the registry's minimum), then a PUT with the digest.
@@ -906,7 +959,9 @@ impl Registry {
                     maybe_landed: false,
                 })?;
             if response.status() != StatusCode::ACCEPTED {
-                return Err(match self.upload_failure(what, response, false) {
+                let status = response.status();
+                let body = read_error_body(response);
+                return Err(match self.upload_failure(what, status, &body, false) {
                     Attempt::UseChunked(e) => Attempt::Fatal(e),
                     other => other,
                 });
@@ -932,7 +987,9 @@ impl Registry {
         if response.status().is_success() {
             Ok(())
         } else {
-            Err(match self.upload_failure(what, response, true) {
+            let status = response.status();
+            let body = read_error_body(response);
+            Err(match self.upload_failure(what, status, &body, true) {
                 Attempt::UseChunked(e) => Attempt::Fatal(e),
                 other => other,
             })
@@ -940,17 +997,45 @@ impl Registry {
     }
 }
 
+/// The setup both clients share: user agent, proxies, connect timeout and TLS trust.
+macro_rules! configure_client {
+    ($builder:expr, $host:expr, $settings:expr) => {{
+        // reqwest is built without a default crypto provider; ring is lathe's.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = $builder
+            .user_agent(concat!("lathe/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout($settings.timeout)
+            .pool_max_idle_per_host(8);
+        if settings::is_loopback($host) {
+            builder = builder.no_proxy();
+        }
+        for certs in ca_certificates($host, $settings)? {
+            builder = builder.tls_certs_merge(certs);
+        }
+        if $settings.is_insecure($host) {
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        builder.build().map_err(|e| RegistryError::Config {
+            what: $host.into(),
+            why: format!("cannot set up the HTTP client: {}", e.without_url()),
+        })
+    }};
+}
+
 fn build_client(host: &str, settings: &Settings) -> Result<Client, RegistryError> {
-    // reqwest is built without a default crypto provider; ring is lathe's.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut builder = Client::builder()
-        .user_agent(concat!("lathe/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(settings.timeout)
-        .timeout(settings.timeout)
-        .pool_max_idle_per_host(8);
-    if settings::is_loopback(host) {
-        builder = builder.no_proxy();
-    }
+    configure_client!(Client::builder().timeout(settings.timeout), host, settings)
+}
+
+fn build_async_client(host: &str, settings: &Settings) -> Result<reqwest::Client, RegistryError> {
+    configure_client!(reqwest::Client::builder(), host, settings)
+}
+
+/// The CA certificates `--ca-cert` and certs.d give for `host`, one list per file.
+fn ca_certificates(
+    host: &str,
+    settings: &Settings,
+) -> Result<Vec<Vec<reqwest::Certificate>>, RegistryError> {
+    let mut all = Vec::new();
     for file in settings.ca_files_for(host) {
         let what = || format!("CA certificate {}", file.display());
         let pem = std::fs::read(&file).map_err(|e| RegistryError::Config {
@@ -968,15 +1053,9 @@ fn build_client(host: &str, settings: &Settings) -> Result<Client, RegistryError
                 why: "holds no PEM certificate".into(),
             });
         }
-        builder = builder.tls_certs_merge(certs);
+        all.push(certs);
     }
-    if settings.is_insecure(host) {
-        builder = builder.tls_danger_accept_invalid_certs(true);
-    }
-    builder.build().map_err(|e| RegistryError::Config {
-        what: host.into(),
-        why: format!("cannot set up the HTTP client: {}", e.without_url()),
-    })
+    Ok(all)
 }
 
 /// A blob download that resumes with a `Range` request when the connection drops.
