@@ -696,3 +696,77 @@ fn bad_answers_and_bad_references_are_clear_errors_that_write_nothing() {
         stderr(&out)
     );
 }
+
+#[test]
+fn docker_schema2_lists_and_manifests_keep_their_type_and_digests() {
+    let reg = TestRegistry::start(RegistryConfig::default());
+    let host = reg.host();
+    // skopeo converts the fixture index to a Docker manifest list with schema 2 children.
+    let docker_ref = format!("docker://{host}/docker/run:v1");
+    tool(
+        "skopeo",
+        &[
+            "copy",
+            "--all",
+            "--format",
+            "v2s2",
+            "--dest-tls-verify=false",
+            &fixture("run"),
+            &docker_ref,
+        ],
+    );
+    let list_digest = skopeo_digest(&docker_ref, &["--tls-verify=false"]);
+    let report = json(&ok(
+        lathe_reg(&["inspect", "--json", &docker_ref]),
+        "inspect list",
+    ));
+    assert_eq!(report["digest"], list_digest.as_str());
+    assert_eq!(
+        report["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    // Copied to another repository and into a layout, the list keeps its type and digest.
+    let copy_ref = format!("docker://{host}/docker/copy:v1");
+    let copied = json(&ok(
+        lathe_reg(&["copy", "--json", &docker_ref, &copy_ref]),
+        "copy list",
+    ));
+    assert_eq!(copied["digest"], list_digest.as_str());
+    assert_eq!(
+        skopeo_digest(&copy_ref, &["--tls-verify=false"]),
+        list_digest
+    );
+    let tmp = scratch();
+    let layout = format!("oci:{}:d", tmp.path().join("l").display());
+    ok(lathe_reg(&["copy", &docker_ref, &layout]), "pull list");
+    // (skopeo's oci: transport only reads OCI-typed refs, so lathe and the blob file check it.)
+    let pulled = json(&ok(
+        lathe_reg(&["inspect", "--json", &layout]),
+        "inspect pulled list",
+    ));
+    assert_eq!(pulled["digest"], list_digest.as_str());
+    let blob = tmp
+        .path()
+        .join("l/blobs/sha256")
+        .join(list_digest.trim_start_matches("sha256:"));
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&std::fs::read(blob).unwrap())),
+        list_digest
+    );
+    // One platform of it is a schema 2 manifest.
+    let amd = json(&ok(
+        lathe_reg(&[
+            "copy",
+            "--json",
+            "--platform",
+            "linux/amd64",
+            &docker_ref,
+            &format!("docker://{host}/docker/amd:v1"),
+        ]),
+        "copy one platform",
+    ));
+    assert_eq!(
+        amd["mediaType"],
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+}
