@@ -24,8 +24,9 @@ fn bad_arguments_exit_3_and_name_the_argument() {
 }
 
 #[test]
-fn registries_are_not_yet_supported_and_say_so() {
+fn an_unreachable_registry_is_named_and_nothing_is_written() {
     let tmp = scratch();
+    // Port 1 on loopback: nothing listens there, and lathe tries https, then http.
     let out = lathe(&[
         "copy",
         "docker://127.0.0.1:1/x:y",
@@ -33,13 +34,24 @@ fn registries_are_not_yet_supported_and_say_so() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains(
-            "docker://127.0.0.1:1/x:y: reading from a registry (docker://) is not yet supported"
-        ),
+        stderr(&out).contains("docker://127.0.0.1:1/x:y: ")
+            && stderr(&out).contains("could not connect"),
         "{}",
         stderr(&out)
     );
     assert!(!tmp.path().join("o").exists());
+}
+
+#[test]
+fn bad_creds_are_a_usage_error_that_does_not_echo_them() {
+    let out = lathe(&["--creds", "no-colon-secret", "inspect", "oci:/x"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--creds must be USER:PASSWORD"));
+    assert!(
+        !stderr(&out).contains("no-colon-secret"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -403,7 +403,7 @@ impl DockerArchiveSource {
             let member = member_name(&tar, path)?;
             let size = tar.size_of(&member).unwrap_or(0);
             let mut head = [0u8; 4];
-            let n = read_up_to(&mut tar.open_member(&member)?, &mut head)
+            let n = content::read_up_to(&mut tar.open_member(&member)?, &mut head)
                 .map_err(|e| tar.error(format!("{path}: {e}")))?;
             let compression = layer::sniff_compression(&head[..n]);
             let (digest, media_type) = match compression {
@@ -455,17 +455,6 @@ impl DockerArchiveSource {
             layer_members,
         })
     }
-}
-
-fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match reader.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// Checks that a path named by manifest.json stays inside the archive and exists.

@@ -13,7 +13,9 @@ use crate::image;
 use crate::inspect;
 use crate::layout::Layout;
 use crate::platform::Platform;
+use crate::progress::Progress;
 use crate::reference::ImageRef;
+use crate::registry;
 
 /// Exit code for bad arguments (cli-conventions.md).
 pub const EXIT_USAGE: i32 = 3;
@@ -45,6 +47,83 @@ pub struct GlobalArgs {
     /// More log output (repeat for more)
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Registry user name and password, used for every registry
+    #[arg(
+        long,
+        global = true,
+        value_name = "USER:PASS",
+        help_heading = "Registry options"
+    )]
+    pub creds: Option<String>,
+    /// Docker config.json with registry credentials [default: $DOCKER_CONFIG/config.json, then
+    /// ~/.docker/config.json, then containers' auth.json; CNB_REGISTRY_AUTH wins over files]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        help_heading = "Registry options"
+    )]
+    pub authfile: Option<PathBuf>,
+    /// Trust this CA certificate (PEM) for registries, besides the system's and
+    /// /etc/{containers,docker}/certs.d/HOST[:PORT]/*.crt (repeatable)
+    #[arg(
+        long = "ca-cert",
+        global = true,
+        value_name = "FILE",
+        help_heading = "Registry options"
+    )]
+    pub ca_cert: Vec<PathBuf>,
+    /// Do not verify this registry's TLS certificate, and allow plain http (repeatable or
+    /// comma-separated; 127.0.0.1 and localhost always fall back to http)
+    #[arg(
+        long = "insecure-registry",
+        global = true,
+        value_name = "HOST",
+        value_delimiter = ',',
+        env = "CNB_INSECURE_REGISTRIES",
+        hide_env_values = true,
+        help_heading = "Registry options"
+    )]
+    pub insecure_registry: Vec<String>,
+    /// Seconds a registry may stay silent (connecting, or within an answer) before the step is
+    /// retried
+    #[arg(
+        long = "registry-timeout",
+        global = true,
+        value_name = "SECONDS",
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..),
+        help_heading = "Registry options"
+    )]
+    pub registry_timeout: u64,
+}
+
+/// Bad arguments found after parsing (exit code 3). The message never quotes a credential.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+impl GlobalArgs {
+    /// The registry settings these flags and the environment give.
+    pub fn registry_settings(&self) -> Result<registry::Settings, UsageError> {
+        let mut settings = registry::Settings::from_env();
+        if let Some(creds) = &self.creds {
+            let (user, password) = creds
+                .split_once(':')
+                .filter(|(u, _)| !u.is_empty())
+                .ok_or_else(|| UsageError("--creds must be USER:PASSWORD".into()))?;
+            settings.creds = Some((user.to_string(), password.to_string()));
+        }
+        settings.authfile = self.authfile.clone();
+        settings.ca_certs = self.ca_cert.clone();
+        settings.insecure = self
+            .insecure_registry
+            .iter()
+            .flat_map(|h| registry::settings::parse_host_list(h))
+            .collect();
+        settings.timeout = std::time::Duration::from_secs(self.registry_timeout);
+        Ok(settings)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,11 +331,17 @@ pub fn command() -> clap::Command {
 }
 
 /// Runs a parsed command line; errors carry the thing at fault.
-/// Runs a command; returns the process's exit code (0 unless `lathe run` says otherwise).
+/// Returns the process's exit code (0 unless `lathe run` says otherwise).
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    registry::configure(cli.global.registry_settings()?);
     match cli.command {
         Command::Copy(args) => {
-            let report = image::copy(&args.source, &args.destination, &args.platforms.platform)?;
+            let report = image::copy_with_progress(
+                &args.source,
+                &args.destination,
+                &args.platforms.platform,
+                &Progress::for_stderr(cli.global.quiet),
+            )?;
             if let Some(note) = &report.note
                 && !cli.global.quiet
             {
@@ -434,6 +519,9 @@ pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     if let Some(e) = err.downcast_ref::<crate::run::RunError>() {
         return e.exit_code();
+    }
+    if err.downcast_ref::<UsageError>().is_some() {
+        return EXIT_USAGE;
     }
     match err.downcast_ref::<image::ImageError>() {
         Some(e) if e.is_usage() => EXIT_USAGE,

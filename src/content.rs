@@ -208,6 +208,56 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Fills `buf` as far as the reader allows; less than `buf.len()` only at end of stream.
+pub fn read_up_to(reader: &mut (impl Read + ?Sized), buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match reader.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Reads the chunks another thread sends; the channel closing is the end of the stream.
+pub struct ChannelReader {
+    receiver: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl ChannelReader {
+    pub fn new(receiver: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>) -> ChannelReader {
+        ChannelReader {
+            receiver,
+            chunk: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.receiver.recv() {
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 /// Reads a whole JSON blob through a verifying reader, refusing blobs over [`MAX_JSON_BLOB`].
 pub fn read_small_blob(reader: impl Read, desc: &Descriptor, what: &str) -> io::Result<Vec<u8>> {
     if desc.size() > MAX_JSON_BLOB {

@@ -4,9 +4,15 @@
 //!
 //! Sinks stage what they receive and make it visible only in [`ImageSink::commit`]; an error
 //! anywhere before that leaves the destination as it was.
+//!
+//! [`copy`] first reads every manifest and index it needs, then hands the sink all the blobs
+//! at once (so layout and registry sinks transfer them in parallel), then the manifests,
+//! children before the index that names them, and commits last.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use oci_spec::image::{Descriptor, Digest, ImageConfiguration, ImageIndex, ImageManifest};
 use serde_json::Value;
@@ -17,7 +23,12 @@ use crate::archive::{
 use crate::content::{self, Kind};
 use crate::layout::{self, Layout, LayoutError, Transaction};
 use crate::platform::{Platform, PlatformError};
-use crate::reference::{ImageRef, ReferenceError};
+use crate::progress::{Progress, ProgressReader};
+use crate::reference::{ImageRef, ReferenceError, RegistryRef};
+use crate::registry::{RegistryError, RegistrySink, RegistrySource};
+
+/// How many blobs layout and registry sinks transfer at once.
+pub const PARALLEL_TRANSFERS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -29,6 +40,8 @@ pub enum ImageError {
     Reference(#[from] ReferenceError),
     #[error(transparent)]
     Platform(#[from] PlatformError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     #[error("{reference}: {what} is not yet supported")]
     NotYetSupported {
         reference: String,
@@ -47,8 +60,8 @@ impl ImageError {
     }
 }
 
-/// Where images are read from.
-pub trait ImageSource {
+/// Where images are read from. Sources are shared by the threads of a parallel copy.
+pub trait ImageSource: Sync {
     /// The reference, for messages.
     fn describe(&self) -> String;
     /// The descriptor of the image or index the reference names.
@@ -64,6 +77,26 @@ pub trait ImageSource {
             why: e.to_string(),
         })
     }
+
+    /// The registry repository this source reads from, if it is one: a registry sink on the
+    /// same registry mounts blobs from it instead of copying their bytes.
+    fn registry_location(&self) -> Option<&RegistryRef> {
+        None
+    }
+}
+
+/// Blobs a sink wrote, and their bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Transferred {
+    pub blobs: usize,
+    pub bytes: u64,
+}
+
+impl Transferred {
+    pub fn add(&mut self, desc: &Descriptor) {
+        self.blobs += 1;
+        self.bytes += desc.size();
+    }
 }
 
 /// Where images are written to.
@@ -72,6 +105,42 @@ pub trait ImageSink {
     fn has_blob(&self, digest: &Digest) -> bool;
     /// Stores a blob; `reader` verifies itself, so an error mid-stream aborts the copy.
     fn put_blob(&mut self, desc: &Descriptor, reader: &mut dyn Read) -> Result<(), ImageError>;
+
+    /// Stores the configs and layers of what is being copied, each opened from `source` (more
+    /// than once when a sink retries). Sinks that can transfer in parallel override this; by
+    /// default they are copied one after the other.
+    fn put_blobs(
+        &mut self,
+        source: &dyn ImageSource,
+        blobs: &[Descriptor],
+        progress: &Progress,
+    ) -> Result<Transferred, ImageError> {
+        let mut transferred = Transferred::default();
+        for desc in blobs {
+            let shown = progress.blob(desc);
+            if self.has_blob(desc.digest()) {
+                shown.finish_as("exists");
+                continue;
+            }
+            let mut reader = ProgressReader::new(source.open_blob(desc)?, &shown);
+            self.put_blob(desc, &mut reader)?;
+            shown.finish_as("copied");
+            transferred.add(desc);
+        }
+        Ok(transferred)
+    }
+
+    /// Stores a manifest or index (already verified); called for every child before the
+    /// index that names it, and for the root last. Returns whether it was written.
+    fn put_manifest(&mut self, desc: &Descriptor, bytes: &[u8]) -> Result<bool, ImageError> {
+        if self.has_blob(desc.digest()) {
+            return Ok(false);
+        }
+        let mut reader = content::VerifyingReader::new(bytes, desc, "manifest");
+        self.put_blob(desc, &mut reader)?;
+        Ok(true)
+    }
+
     /// Makes the image visible under the sink's name; `children` are the platform manifests
     /// of an index, which layout-like sinks also name `NAME-os-arch`.
     fn commit(
@@ -83,12 +152,7 @@ pub trait ImageSink {
 
 pub fn open_source(reference: &ImageRef) -> Result<Box<dyn ImageSource>, ImageError> {
     Ok(match reference {
-        ImageRef::Registry(_) => {
-            return Err(ImageError::NotYetSupported {
-                reference: reference.to_string(),
-                what: "reading from a registry (docker://)",
-            });
-        }
+        ImageRef::Registry(r) => Box::new(RegistrySource::open(r)?),
         ImageRef::Layout { dir, name } => Box::new(LayoutSource::open(dir, name.as_deref())?),
         ImageRef::OciArchive { file, name } => {
             Box::new(OciArchiveSource::open(file, name.as_deref())?)
@@ -101,12 +165,7 @@ pub fn open_source(reference: &ImageRef) -> Result<Box<dyn ImageSource>, ImageEr
 
 pub fn open_sink(reference: &ImageRef) -> Result<Box<dyn ImageSink>, ImageError> {
     Ok(match reference {
-        ImageRef::Registry(_) => {
-            return Err(ImageError::NotYetSupported {
-                reference: reference.to_string(),
-                what: "writing to a registry (docker://)",
-            });
-        }
+        ImageRef::Registry(r) => Box::new(RegistrySink::open(r)?),
         ImageRef::Layout { dir, name } => Box::new(LayoutSink {
             tx: Transaction::begin(dir)?,
             name: name
@@ -169,6 +228,33 @@ impl ImageSink for LayoutSink {
     fn put_blob(&mut self, desc: &Descriptor, reader: &mut dyn Read) -> Result<(), ImageError> {
         let source = format!("copying to oci:{}", self.tx.target().display());
         Ok(self.tx.write_blob(desc, reader, &source)?)
+    }
+    fn put_blobs(
+        &mut self,
+        source: &dyn ImageSource,
+        blobs: &[Descriptor],
+        progress: &Progress,
+    ) -> Result<Transferred, ImageError> {
+        let mut todo: Vec<&Descriptor> = blobs
+            .iter()
+            .filter(|d| !self.tx.has_blob(d.digest()))
+            .collect();
+        todo.sort_by_key(|d| std::cmp::Reverse(d.size()));
+        let what = format!("copying to oci:{}", self.tx.target().display());
+        let tx = &self.tx;
+        let staged = parallel_map(&todo, PARALLEL_TRANSFERS, |desc| {
+            let shown = progress.blob(desc);
+            let reader = ProgressReader::new(source.open_blob(desc)?, &shown);
+            let writer = tx.stage_blob(desc, reader, &what)?;
+            shown.finish_as("copied");
+            Ok::<_, ImageError>(writer)
+        })?;
+        let mut transferred = Transferred::default();
+        for (desc, writer) in todo.into_iter().zip(staged) {
+            writer.finish(&mut self.tx)?;
+            transferred.add(desc);
+        }
+        Ok(transferred)
     }
     fn commit(
         self: Box<Self>,
@@ -409,11 +495,22 @@ pub fn resolve_selection(
     }
 }
 
-/// Copies the image `src` names to `dst`.
+/// Copies the image `src` names to `dst`, showing nothing.
 pub fn copy(
     src: &ImageRef,
     dst: &ImageRef,
     platforms: &[Platform],
+) -> Result<CopyReport, ImageError> {
+    copy_with_progress(src, dst, platforms, &Progress::Silent)
+}
+
+/// Copies the image `src` names to `dst`: every blob first, then the manifests (children
+/// before their index), then the commit that makes it visible.
+pub fn copy_with_progress(
+    src: &ImageRef,
+    dst: &ImageRef,
+    platforms: &[Platform],
+    progress: &Progress,
 ) -> Result<CopyReport, ImageError> {
     let source = open_source(src)?;
     let selection = Selection {
@@ -421,25 +518,14 @@ pub fn copy(
         single_image: matches!(dst, ImageRef::DockerArchive { .. }),
     };
     let resolved = resolve_selection(source.as_ref(), &selection)?;
+    let plan = Plan::of(source.as_ref(), &resolved)?;
     let mut sink = open_sink(dst)?;
-    let mut copier = Copier {
-        source: source.as_ref(),
-        sink: sink.as_mut(),
-        done: BTreeSet::new(),
-        blobs: 0,
-        bytes: 0,
-    };
-    match &resolved.new_root_bytes {
-        Some(bytes) => {
-            for (_, child) in &resolved.children {
-                copier.copy_node(child)?;
-            }
-            let mut reader = content::VerifyingReader::new(&bytes[..], &resolved.root, "new index");
-            copier.sink.put_blob(&resolved.root, &mut reader)?;
+    let mut transferred = sink.put_blobs(source.as_ref(), &plan.blobs, progress)?;
+    for (desc, bytes) in &plan.manifests {
+        if sink.put_manifest(desc, bytes)? {
+            transferred.add(desc);
         }
-        None => copier.copy_node(&resolved.root)?,
     }
-    let (blobs, bytes) = (copier.blobs, copier.bytes);
     sink.commit(&resolved.root, &resolved.children)?;
     Ok(CopyReport {
         digest: resolved.root.digest().to_string(),
@@ -449,67 +535,146 @@ pub fn copy(
             .iter()
             .map(|(p, _)| p.to_string())
             .collect(),
-        blobs_copied: blobs,
-        bytes_copied: bytes,
+        blobs_copied: transferred.blobs,
+        bytes_copied: transferred.bytes,
         note: resolved.note,
     })
 }
 
-struct Copier<'a> {
-    source: &'a dyn ImageSource,
-    sink: &'a mut dyn ImageSink,
-    done: BTreeSet<String>,
-    blobs: usize,
-    bytes: u64,
+/// What a copy writes: the configs and layers, and the manifests and indexes with their
+/// bytes, children before parents and the root last. Each digest appears once.
+struct Plan {
+    blobs: Vec<Descriptor>,
+    manifests: Vec<(Descriptor, Vec<u8>)>,
 }
 
-impl Copier<'_> {
-    fn copy_node(&mut self, desc: &Descriptor) -> Result<(), ImageError> {
-        if !self.done.insert(desc.digest().to_string()) {
+impl Plan {
+    fn of(source: &dyn ImageSource, resolved: &Resolved) -> Result<Plan, ImageError> {
+        let mut plan = Plan {
+            blobs: vec![],
+            manifests: vec![],
+        };
+        let mut seen = BTreeSet::new();
+        match &resolved.new_root_bytes {
+            Some(bytes) => {
+                for (_, child) in &resolved.children {
+                    plan.walk(source, child, None, &mut seen)?;
+                }
+                plan.walk(source, &resolved.root, Some(bytes.clone()), &mut seen)?;
+            }
+            None => plan.walk(source, &resolved.root, None, &mut seen)?,
+        }
+        Ok(plan)
+    }
+
+    fn walk(
+        &mut self,
+        source: &dyn ImageSource,
+        desc: &Descriptor,
+        bytes: Option<Vec<u8>>,
+        seen: &mut BTreeSet<String>,
+    ) -> Result<(), ImageError> {
+        if !seen.insert(desc.digest().to_string()) {
             return Ok(());
         }
-        let what = self.source.describe();
+        let what = source.describe();
         match content::kind_of(desc.media_type()) {
             Kind::Index => {
-                let bytes = self.source.read_blob(desc)?;
-                let index = parse_index(&bytes, desc, &what)?;
-                for child in index.manifests() {
-                    self.copy_node(child)?;
+                let bytes = match bytes {
+                    Some(b) => b,
+                    None => source.read_blob(desc)?,
+                };
+                for child in parse_index(&bytes, desc, &what)?.manifests() {
+                    self.walk(source, child, None, seen)?;
                 }
-                self.put_bytes(desc, &bytes)
+                self.manifests.push((desc.clone(), bytes));
             }
             Kind::Manifest => {
-                let bytes = self.source.read_blob(desc)?;
+                let bytes = match bytes {
+                    Some(b) => b,
+                    None => source.read_blob(desc)?,
+                };
                 let manifest = parse_manifest(&bytes, desc, &what)?;
-                self.copy_blob(manifest.config())?;
-                for l in manifest.layers() {
-                    self.copy_blob(l)?;
+                for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
+                    if seen.insert(blob.digest().to_string()) {
+                        self.blobs.push(blob.clone());
+                    }
                 }
-                self.put_bytes(desc, &bytes)
+                self.manifests.push((desc.clone(), bytes));
             }
-            Kind::Other => self.copy_blob(desc),
+            Kind::Other => self.blobs.push(desc.clone()),
         }
-    }
-
-    fn copy_blob(&mut self, desc: &Descriptor) -> Result<(), ImageError> {
-        if self.sink.has_blob(desc.digest()) {
-            return Ok(());
-        }
-        let mut reader = self.source.open_blob(desc)?;
-        self.sink.put_blob(desc, &mut reader)?;
-        self.blobs += 1;
-        self.bytes += desc.size();
         Ok(())
     }
+}
 
-    fn put_bytes(&mut self, desc: &Descriptor, bytes: &[u8]) -> Result<(), ImageError> {
-        if self.sink.has_blob(desc.digest()) {
-            return Ok(());
+/// Runs `work` on every item with up to `threads` threads; the results come back in the
+/// items' order. After the first error no new item is started, and that error is returned.
+pub fn parallel_map<T: Sync, R: Send, E: Send>(
+    items: &[T],
+    threads: usize,
+    work: impl Fn(&T) -> Result<R, E> + Sync,
+) -> Result<Vec<R>, E> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: Mutex<Vec<Option<R>>> = Mutex::new((0..items.len()).map(|_| None).collect());
+    let first_error: Mutex<Option<E>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, items.len().max(1)) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= items.len() || failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match work(&items[i]) {
+                        Ok(r) => results.lock().expect("results lock")[i] = Some(r),
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            first_error.lock().expect("error lock").get_or_insert(e);
+                            return;
+                        }
+                    }
+                }
+            });
         }
-        let mut reader = content::VerifyingReader::new(bytes, desc, self.source.describe());
-        self.sink.put_blob(desc, &mut reader)?;
-        self.blobs += 1;
-        self.bytes += desc.size();
-        Ok(())
+    });
+    if let Some(e) = first_error.into_inner().expect("error lock") {
+        return Err(e);
+    }
+    Ok(results
+        .into_inner()
+        .expect("results lock")
+        .into_iter()
+        .map(|r| r.expect("every item ran"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_map_keeps_order_and_stops_at_the_first_error() {
+        let items: Vec<u32> = (0..50).collect();
+        let doubled = parallel_map(&items, 4, |i| Ok::<_, String>(i * 2)).unwrap();
+        assert_eq!(doubled, items.iter().map(|i| i * 2).collect::<Vec<_>>());
+        let started = AtomicUsize::new(0);
+        let err = parallel_map(&items, 2, |i| {
+            started.fetch_add(1, Ordering::Relaxed);
+            if *i == 3 {
+                Err(format!("item {i}"))
+            } else {
+                Ok(*i)
+            }
+        })
+        .unwrap_err();
+        assert_eq!(err, "item 3");
+        assert!(started.load(Ordering::Relaxed) < items.len());
+        assert!(
+            parallel_map(&[] as &[u32], 4, |i| Ok::<_, ()>(*i))
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -484,14 +484,35 @@ impl Transaction {
         if self.has_blob(desc.digest()) {
             return Ok(());
         }
-        let mut writer = self.blob_writer()?;
-        let mut verifying = VerifyingReader::new(reader, desc, source.to_string());
-        io::copy(&mut verifying, &mut writer.inner).map_err(|e| LayoutError::BadBlob {
-            dir: self.target.clone(),
-            why: e.to_string(),
-        })?;
-        writer.finish(self)?;
+        self.stage_blob(desc, reader, source)?.finish(self)?;
         Ok(())
+    }
+
+    /// The part of [`Transaction::write_blob`] that several threads may run at once: streams
+    /// `reader` into a temporary file in the staging area, verifying it against `desc`.
+    /// [`BlobWriter::finish`] then gives it its name.
+    pub fn stage_blob(
+        &self,
+        desc: &Descriptor,
+        reader: impl Read,
+        source: &str,
+    ) -> Result<BlobWriter> {
+        content::check_descriptor(desc).map_err(|why| LayoutError::BadBlob {
+            dir: self.target.clone(),
+            why,
+        })?;
+        let mut writer = self.blob_writer()?;
+        // The writer hashes what it stores; `finish` compares that with `desc`, so the bytes
+        // are hashed once here, not once to verify and once to name them. One byte past the
+        // size is read so an over-long blob is caught without reading it all.
+        copy_in_large_reads(&mut reader.take(desc.size() + 1), &mut writer.inner).map_err(|e| {
+            LayoutError::BadBlob {
+                dir: self.target.clone(),
+                why: e.to_string(),
+            }
+        })?;
+        writer.expected = Some((desc.clone(), source.to_string()));
+        Ok(writer)
     }
 
     /// Stages a blob from bytes lathe made (a manifest, config or index).
@@ -514,6 +535,7 @@ impl Transaction {
             .map_err(io_err(self.staging.path()))?;
         Ok(BlobWriter {
             inner: HashingWriter::new(tmp),
+            expected: None,
         })
     }
 
@@ -558,6 +580,23 @@ impl Transaction {
             }
         }
         Ok(())
+    }
+}
+
+/// `io::copy` with 1 MiB reads instead of 8 KiB ones: a read from a registry download is a
+/// round trip to the HTTP client's thread, so fewer, larger reads are much cheaper.
+fn copy_in_large_reads(reader: &mut impl Read, writer: &mut impl Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        writer.write_all(&buf[..n])?;
+        total += n as u64;
     }
 }
 
@@ -618,6 +657,8 @@ fn merge_entries(index: &mut Value, refs: &[(String, Descriptor)]) {
 /// Streams a blob into a layout's staging area, hashing as it goes.
 pub struct BlobWriter {
     inner: HashingWriter<tempfile::NamedTempFile>,
+    /// For a blob with a known descriptor: that descriptor and where the bytes came from.
+    expected: Option<(Descriptor, String)>,
 }
 
 impl Write for BlobWriter {
@@ -630,9 +671,38 @@ impl Write for BlobWriter {
 }
 
 impl BlobWriter {
-    /// Fsyncs the blob and moves it to its digest's name in the staging area.
+    /// Fsyncs the blob and moves it to its digest's name in the staging area; a blob staged
+    /// for a descriptor must match it.
     pub fn finish(self, tx: &mut Transaction) -> Result<(Digest, u64)> {
         let (digest, size, tmp) = self.inner.finish();
+        if let Some((desc, source)) = &self.expected {
+            let why = if size > desc.size() {
+                Some(format!(
+                    "blob {} is longer than the {} bytes its descriptor gives",
+                    desc.digest(),
+                    desc.size()
+                ))
+            } else if size < desc.size() {
+                Some(format!(
+                    "blob {} is truncated: {size} of {} bytes",
+                    desc.digest(),
+                    desc.size()
+                ))
+            } else if &digest != desc.digest() {
+                Some(format!(
+                    "blob {} does not match its digest (its bytes hash to {digest})",
+                    desc.digest()
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(LayoutError::BadBlob {
+                    dir: tx.target.clone(),
+                    why: format!("{source}: {why}"),
+                });
+            }
+        }
         let hex = digest.digest().to_string();
         if !tx.has_blob(&digest) {
             tmp.as_file().sync_all().map_err(io_err(tmp.path()))?;

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod platform;
 pub mod progress;
 pub mod reference;
+pub mod registry;
 pub mod run;
 pub mod sandbox;
 pub mod store;

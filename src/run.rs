@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::image::{self, ImageError, ImageSource, Selection};
 use crate::platform::Platform;
-use crate::progress::Progress;
+use crate::progress::ByteProgress;
 use crate::sandbox::{self, Bind, Emulator, Network, RootFs, RunControl, SandboxSpec};
 use crate::store::{self, Store, StoreError};
 
@@ -203,7 +203,7 @@ pub fn run_image(
     request: &RunRequest,
     lathe_exe: &Path,
     cancel: &AtomicBool,
-    progress: &dyn Progress,
+    progress: &dyn ByteProgress,
 ) -> Result<RunOutcome, RunError> {
     let mut notes = Vec::new();
     let host = Platform::host();

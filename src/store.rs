@@ -15,7 +15,7 @@ use nix::fcntl::{Flock, FlockArg};
 use oci_spec::image::Descriptor;
 
 use crate::image::ImageSource;
-use crate::progress::Progress;
+use crate::progress::ByteProgress;
 use crate::unpack::{self, UnpackError};
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +97,7 @@ impl Store {
         source: &dyn ImageSource,
         manifest: &Descriptor,
         platform: &str,
-        progress: &dyn Progress,
+        progress: &dyn ByteProgress,
     ) -> Result<(PathBuf, bool), StoreError> {
         let hex = manifest.digest().digest().to_string();
         let path = self.dir.join("rootfs").join(&hex);

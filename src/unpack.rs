@@ -33,10 +33,10 @@ use pathrs::flags::OpenFlags;
 use pathrs::{InodeType, Root};
 use sha2::{Digest as _, Sha256};
 
-use crate::content::{self, Kind};
+use crate::content::{self, ChannelReader, Kind};
 use crate::image::{self, ImageError, ImageSource};
 use crate::layer;
-use crate::progress::Progress;
+use crate::progress::ByteProgress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -71,7 +71,7 @@ pub fn unpack(
     source: &dyn ImageSource,
     manifest: &Descriptor,
     target: &Path,
-    progress: &dyn Progress,
+    progress: &dyn ByteProgress,
 ) -> Result<UnpackReport, UnpackError> {
     let describe = source.describe();
     if content::kind_of(manifest.media_type()) != Kind::Manifest {
@@ -246,7 +246,7 @@ impl Unpacker {
         source: &dyn ImageSource,
         desc: &Descriptor,
         diff_id: &str,
-        progress: &dyn Progress,
+        progress: &dyn ByteProgress,
     ) -> Result<(), UnpackError> {
         let layer_name = desc.digest().to_string();
         let layer_err = |why: String| UnpackError::Layer {
@@ -267,11 +267,7 @@ impl Unpacker {
         std::thread::scope(|scope| {
             let (sender, receiver) = std::sync::mpsc::sync_channel(DECODE_QUEUE);
             scope.spawn(move || decode_into(blob, compression, sender));
-            let tar_stream = ChannelReader {
-                receiver,
-                chunk: Vec::new(),
-                pos: 0,
-            };
+            let tar_stream = ChannelReader::new(receiver);
             self.apply_tar(tar_stream, &layer_name, diff_id)
         })?;
         self.report.layers += 1;
@@ -753,39 +749,13 @@ fn decode_into(
 /// Reports the bytes read through it.
 struct CountingReader<'a, R> {
     inner: R,
-    progress: &'a dyn Progress,
+    progress: &'a dyn ByteProgress,
 }
 
 impl<R: Read> Read for CountingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.progress.advance(n as u64);
-        Ok(n)
-    }
-}
-
-/// Reads the chunks [`decode_into`] sends; the channel closing is the end of the stream.
-struct ChannelReader {
-    receiver: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    chunk: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.chunk.len() {
-            match self.receiver.recv() {
-                Ok(Ok(chunk)) => {
-                    self.chunk = chunk;
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len() - self.pos);
-        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
-        self.pos += n;
         Ok(n)
     }
 }

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Benchmark (not a timed test): lathe vs skopeo against a local docker-registry on 127.0.0.1
+# with its storage on /dev/shm, on the synthetic image. Push to an empty registry (restarted
+# with wiped storage before every run), re-push of the unchanged image, and pull into an OCI
+# layout; median of RUNS wall times, printed side by side as ratios, with the HTTP requests
+# each side made (counted in the registry's log). SIZE_MB=20 SMALL_FILES=2000 gives the
+# reduced size CI uses.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${RUNS:-3}
+cargo build --release --locked --quiet --bin lathe --example mkimage
+lathe=$PWD/target/release/lathe
+work=$(mktemp -d -p /dev/shm lathe-regbench.XXXXXX)
+registry_pid=
+stop_registry() {
+  if [ -n "$registry_pid" ]; then kill "$registry_pid" 2>/dev/null || true; wait "$registry_pid" 2>/dev/null || true; fi
+  registry_pid=
+}
+trap 'stop_registry; rm -rf "$work"' EXIT
+MKIMAGE=$PWD/target/release/examples/mkimage bash testdata/make-synthetic-image.sh "$work/img"
+img=$work/img
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+reg=127.0.0.1:$port
+cat > "$work/registry.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $work/storage
+  delete:
+    enabled: true
+http:
+  addr: $reg
+  secret: lathe-bench-$port
+EOF
+# start_registry [wipe]: (re)starts the registry, with empty storage when asked.
+start_registry() {
+  stop_registry
+  [ "${1:-}" = wipe ] && rm -rf "$work/storage"
+  docker-registry serve "$work/registry.yml" >> "$work/registry.log" 2>&1 &
+  registry_pid=$!
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return
+    sleep 0.05
+  done
+  echo "docker-registry did not start: $(tail -5 "$work/registry.log")" >&2; exit 1
+}
+requests() { grep -c 'response completed' "$work/registry.log" || true; }
+
+# measure NAME PREP CMD: median wall seconds over $runs runs, and the HTTP requests of the
+# last run. PREP runs before each run, untimed.
+measure() {
+  local name=$1 prep=$2 cmd=$3 times=() before after
+  for _ in $(seq "$runs"); do
+    eval "$prep"
+    before=$(requests)
+    /usr/bin/time -f '%e' -o "$work/t" bash -c "$cmd" >/dev/null 2>"$work/err" || { cat "$work/err" >&2; exit 1; }
+    after=$(requests)
+    times+=("$(cat "$work/t")")
+  done
+  local median
+  median=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(( (runs + 1) / 2 ))p")
+  printf '%s %s %s\n' "$name" "$median" "$((after - before))" >> "$work/results"
+  printf '  %-22s %8.2f s  %6d HTTP requests\n' "$name" "$median" "$((after - before))"
+}
+field() { grep "^$1 " "$work/results" | cut -d' ' -f"$2"; }
+ratio() { awk -v a="$(field "$1" 2)" -v b="$(field "$2" 2)" 'BEGIN { printf "%.2f", a / b }'; }
+
+size=$(du -sm "$img/blobs" | cut -f1)
+echo "Synthetic image: $size MB of blobs; $runs runs each; registry on $reg, storage on /dev/shm"
+echo "Push to an empty registry:"
+measure lathe-push "start_registry wipe" "$lathe copy --quiet oci:$img:synthetic docker://$reg/bench/lathe:v1"
+measure skopeo-push "start_registry wipe" "skopeo copy --all --dest-tls-verify=false oci:$img:synthetic docker://$reg/bench/skopeo:v1"
+echo "  lathe/skopeo = $(ratio lathe-push skopeo-push) (target <= 0.8)"
+
+echo "Re-push of the unchanged image:"
+start_registry wipe
+"$lathe" copy --quiet "oci:$img:synthetic" "docker://$reg/bench/lathe:v1"
+skopeo copy --quiet --all --dest-tls-verify=false "oci:$img:synthetic" "docker://$reg/bench/skopeo:v1"
+measure lathe-repush "" "$lathe copy --quiet oci:$img:synthetic docker://$reg/bench/lathe:v1"
+measure skopeo-repush "" "skopeo copy --all --dest-tls-verify=false oci:$img:synthetic docker://$reg/bench/skopeo:v1"
+echo "  lathe re-push / lathe push = $(ratio lathe-repush lathe-push) (target <= 0.05); lathe/skopeo = $(ratio lathe-repush skopeo-repush)"
+
+echo "Pull into an OCI layout:"
+measure lathe-pull "rm -rf $work/out" "$lathe copy --quiet docker://$reg/bench/lathe:v1 oci:$work/out:x"
+measure skopeo-pull "rm -rf $work/out" "skopeo copy --all --src-tls-verify=false docker://$reg/bench/lathe:v1 oci:$work/out:x"
+echo "  lathe/skopeo = $(ratio lathe-pull skopeo-pull) (target <= 0.8)"

@@ -1,0 +1,48 @@
+//! The registry transport (`docker://`): an OCI distribution client and the registry
+//! [`ImageSource`](crate::image::ImageSource) and [`ImageSink`](crate::image::ImageSink).
+//!
+//! What this module owns:
+//! - [`settings`]: the registry flags of `cli-conventions.md` (`--creds`, `--authfile`,
+//!   `--ca-cert`, `--insecure-registry`, `CNB_REGISTRY_AUTH`, `CNB_INSECURE_REGISTRIES`,
+//!   certs.d) and the timeout, set once per process by the CLI.
+//! - [`auth`]: where credentials come from, and the anonymous, basic and bearer-token flows
+//!   (`WWW-Authenticate` challenges, pull/push/mount scopes, a token cache with refresh).
+//!   Credentials are kept in types whose `Debug` hides them and are never put in an error.
+//! - [`client`]: one registry host: https with http fallback for loopback and insecure
+//!   registries, retries with backoff on 5xx, 429 and dropped connections for the steps that
+//!   may be repeated, and the distribution calls (manifests with their digests verified,
+//!   resumable blob downloads, blob uploads by HEAD-skip, cross-repository mount, monolithic
+//!   PUT or chunked PATCH, manifest PUT with the exact content type).
+//! - [`transport`]: the registry source and sink that `lathe copy` drives; the sink uploads
+//!   blobs in parallel, pushes every child manifest before its index, and tags last, so a
+//!   failed push leaves no tag.
+//!
+//! Written on blocking reqwest rather than oci-client: oci-client is async-only, keeps its own
+//! manifest types and holds whole layers in memory when pushing an image.
+
+pub mod auth;
+pub mod client;
+pub mod settings;
+pub mod transport;
+
+pub use settings::{Settings, configure, settings};
+pub use transport::{RegistrySink, RegistrySource};
+
+/// A registry failure. Every message names the reference or repository at fault and never
+/// contains a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry answered, and said no (unknown tag, denied, bad request…).
+    #[error("{what}: {why}")]
+    Refused { what: String, why: String },
+    /// The registry could not be reached, or kept failing after the retries.
+    #[error("{what}: {why}")]
+    Unreachable { what: String, why: String },
+    /// Something the registry sent is not what it should be (a digest mismatch, a bad
+    /// manifest, a short blob).
+    #[error("{what}: {why}")]
+    BadContent { what: String, why: String },
+    /// A registry flag, credential file or certificate is unusable.
+    #[error("{what}: {why}")]
+    Config { what: String, why: String },
+}
