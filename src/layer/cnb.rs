@@ -55,15 +55,12 @@
 //! byte matters for the diffID, so the encoder here is written out against Go's rules.
 
 use std::fs::{self, File, Metadata};
-use std::io::{self, BufWriter, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use oci_spec::image::MediaType;
-
-use super::{Encoder, GZIP_CHUNK, LayerCompression, NORMALIZED_MTIME, WrittenLayer};
-use crate::content::{Compression, HashingWriter};
+use super::{LayerCompression, LayerStream, NORMALIZED_MTIME, WrittenLayer};
 
 const BLOCK: usize = 512;
 const NAME_FIELD: usize = 100;
@@ -103,18 +100,15 @@ impl Owner {
 /// Image paths are absolute and clean (`/layers/bp/layer`: no `.`, `..`, empty components or
 /// trailing slash); anything else is refused with `InvalidInput`.
 pub struct CnbLayerWriter<W: Write> {
-    tar: HashingWriter<BufWriter<Encoder<HashingWriter<W>>>>,
-    compression: LayerCompression,
+    tar: LayerStream<W>,
     header: Vec<u8>,
     copy_buffer: Vec<u8>,
 }
 
 impl<W: Write> CnbLayerWriter<W> {
     pub fn new(out: W, compression: LayerCompression) -> io::Result<Self> {
-        let encoder = Encoder::new(HashingWriter::new(out), compression)?;
         Ok(CnbLayerWriter {
-            tar: HashingWriter::new(BufWriter::with_capacity(GZIP_CHUNK, encoder)),
-            compression,
+            tar: LayerStream::new(out, compression)?,
             header: Vec::with_capacity(4 * BLOCK),
             copy_buffer: vec![0; COPY_BUFFER],
         })
@@ -261,23 +255,7 @@ impl<W: Write> CnbLayerWriter<W> {
     /// the layer's diffID, digest, size and media type with the output.
     pub fn finish(mut self) -> io::Result<(WrittenLayer, W)> {
         self.tar.write_all(&[0; 2 * BLOCK])?;
-        let (diff_id, _, buffered) = self.tar.finish();
-        let encoder = buffered.into_inner().map_err(|e| e.into_error())?;
-        let (digest, size, out) = encoder.finish()?.finish();
-        let media_type = match self.compression.kind {
-            Compression::Gzip => MediaType::ImageLayerGzip,
-            Compression::Zstd => MediaType::ImageLayerZstd,
-            Compression::None => MediaType::ImageLayer,
-        };
-        Ok((
-            WrittenLayer {
-                digest,
-                size,
-                diff_id,
-                media_type,
-            },
-            out,
-        ))
+        self.tar.finish()
     }
 
     /// Writes `path` (already lstat'ed as `meta`) under `name`, then its children in Go's
@@ -782,6 +760,7 @@ fn with_path(error: io::Error, path: &Path) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use oci_spec::image::MediaType;
     use std::os::unix::fs::PermissionsExt;
 
     /// 315532801 (1980-01-01T00:00:01Z) in octal, as Go writes a 12-byte numeric field.

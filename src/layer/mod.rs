@@ -59,10 +59,7 @@ pub fn write_dir_layer<W: Write>(
     compression: LayerCompression,
     out: W,
 ) -> io::Result<(WrittenLayer, W)> {
-    let encoder = Encoder::new(HashingWriter::new(out), compression)?;
-    let mut tar = tar::Builder::new(HashingWriter::new(BufWriter::with_capacity(
-        GZIP_CHUNK, encoder,
-    )));
+    let mut tar = tar::Builder::new(LayerStream::new(out, compression)?);
     tar.follow_symlinks(false);
     // A file with several links is written once; later names become hardlink entries to the
     // first name in sorted order (deterministic: the order does not depend on the walk).
@@ -79,24 +76,55 @@ pub fn write_dir_layer<W: Write>(
             .expect("walkdir yields paths under its root");
         append_entry(&mut tar, entry.path(), rel, owners, &mut first_links)?;
     }
-    let tar_hasher = tar.into_inner()?;
-    let (diff_id, _, buffered) = tar_hasher.finish();
-    let encoder = buffered.into_inner().map_err(|e| e.into_error())?;
-    let (digest, size, out) = encoder.finish()?.finish();
-    let media_type = match compression.kind {
-        Compression::Gzip => MediaType::ImageLayerGzip,
-        Compression::Zstd => MediaType::ImageLayerZstd,
-        Compression::None => MediaType::ImageLayer,
-    };
-    Ok((
-        WrittenLayer {
-            digest,
-            size,
-            diff_id,
-            media_type,
-        },
-        out,
-    ))
+    tar.into_inner()?.finish()
+}
+
+/// The stream a layer's tar is written into: hashed (the diffID), buffered in chunks for the
+/// compressor, compressed, and hashed again (the blob digest), all in one pass.
+pub(crate) struct LayerStream<W: Write> {
+    tar: HashingWriter<BufWriter<Encoder<HashingWriter<W>>>>,
+    compression: LayerCompression,
+}
+
+impl<W: Write> LayerStream<W> {
+    pub(crate) fn new(out: W, compression: LayerCompression) -> io::Result<Self> {
+        let encoder = Encoder::new(HashingWriter::new(out), compression)?;
+        Ok(LayerStream {
+            tar: HashingWriter::new(BufWriter::with_capacity(GZIP_CHUNK, encoder)),
+            compression,
+        })
+    }
+
+    /// Flushes the compressor; the layer's diffID, digest, size and media type, and `out`.
+    pub(crate) fn finish(self) -> io::Result<(WrittenLayer, W)> {
+        let (diff_id, _, buffered) = self.tar.finish();
+        let encoder = buffered.into_inner().map_err(|e| e.into_error())?;
+        let (digest, size, out) = encoder.finish()?.finish();
+        let media_type = match self.compression.kind {
+            Compression::Gzip => MediaType::ImageLayerGzip,
+            Compression::Zstd => MediaType::ImageLayerZstd,
+            Compression::None => MediaType::ImageLayer,
+        };
+        Ok((
+            WrittenLayer {
+                digest,
+                size,
+                diff_id,
+                media_type,
+            },
+            out,
+        ))
+    }
+}
+
+impl<W: Write> Write for LayerStream<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tar.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tar.flush()
+    }
 }
 
 /// Writes several directory trees as layers at once, on up to `jobs` threads (each layer's
