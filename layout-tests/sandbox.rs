@@ -567,58 +567,40 @@ fn root_image() -> &'static str {
 /// Every entry of a tree: name, type, mode, owner, size, mtime, the rootless ownership
 /// xattr, contents' sha256 or link target.
 fn tree_facts(root: &Path) -> Vec<String> {
-    let mut facts = Vec::new();
-    for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
-        let entry = entry.unwrap();
-        let rel = entry
-            .path()
-            .strip_prefix(root)
-            .unwrap()
-            .display()
-            .to_string();
-        let meta = entry.path().symlink_metadata().unwrap();
-        let ft = meta.file_type();
-        let what = if ft.is_symlink() {
-            format!("link {}", fs::read_link(entry.path()).unwrap().display())
-        } else if ft.is_dir() {
-            "dir".to_string()
-        } else if ft.is_file() {
+    let top = (
+        String::new(),
+        root.to_path_buf(),
+        root.symlink_metadata().unwrap(),
+    );
+    std::iter::once(top)
+        .chain(tree_entries(root))
+        .map(|(rel, path, meta)| {
+            let ft = meta.file_type();
+            let what = if ft.is_symlink() {
+                format!("link {}", fs::read_link(&path).unwrap().display())
+            } else if ft.is_dir() {
+                "dir".to_string()
+            } else if ft.is_file() {
+                format!(
+                    "file {} {}",
+                    meta.size(),
+                    sha256_hex(&fs::read(&path).unwrap())
+                )
+            } else {
+                format!("special {:o}", meta.mode())
+            };
             format!(
-                "file {} {}",
-                meta.size(),
-                sha256_hex(&fs::read(entry.path()).unwrap())
+                "/{rel}: {what} mode {:o} owner {}:{} mtime {}.{} xattr {:?} ino {}",
+                meta.mode() & 0o7777,
+                meta.uid(),
+                meta.gid(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+                xattr(&path, "user.rootlesscontainers"),
+                meta.ino()
             )
-        } else {
-            format!("special {:o}", meta.mode())
-        };
-        facts.push(format!(
-            "/{rel}: {what} mode {:o} owner {}:{} mtime {}.{} xattr {:?} ino {}",
-            meta.mode() & 0o7777,
-            meta.uid(),
-            meta.gid(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-            rootless_xattr(entry.path()),
-            meta.ino()
-        ));
-    }
-    facts
-}
-
-fn rootless_xattr(path: &Path) -> Option<Vec<u8>> {
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    let name = c"user.rootlesscontainers";
-    let mut value = vec![0u8; 256];
-    // SAFETY: valid C strings and a buffer of the given length.
-    let n = unsafe {
-        libc::lgetxattr(
-            cpath.as_ptr(),
-            name.as_ptr(),
-            value.as_mut_ptr().cast(),
-            value.len(),
-        )
-    };
-    (n >= 0).then(|| value[..n as usize].to_vec())
+        })
+        .collect()
 }
 
 /// The one root filesystem tree in the store.

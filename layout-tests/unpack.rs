@@ -15,33 +15,24 @@ use serde_json::json;
 
 /// Names, types, permission bits, symlink targets and contents of a tree.
 fn tree_facts(root: &Path) -> Vec<String> {
-    let mut facts = Vec::new();
-    for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
-        let entry = entry.unwrap();
-        let rel = entry
-            .path()
-            .strip_prefix(root)
-            .unwrap()
-            .display()
-            .to_string();
-        let meta = entry.path().symlink_metadata().unwrap();
-        let ft = meta.file_type();
-        let what = if ft.is_symlink() {
-            format!("link {}", fs::read_link(entry.path()).unwrap().display())
-        } else if ft.is_dir() {
-            format!("dir {:o}", meta.mode() & 0o7777)
-        } else {
-            format!(
-                "file {:o} {}",
-                meta.mode() & 0o7777,
-                sha256_hex(&fs::read(entry.path()).unwrap())
-            )
-        };
-        if !rel.is_empty() {
-            facts.push(format!("{rel}: {what}"));
-        }
-    }
-    facts
+    tree_entries(root)
+        .into_iter()
+        .map(|(rel, path, meta)| {
+            let ft = meta.file_type();
+            let what = if ft.is_symlink() {
+                format!("link {}", fs::read_link(&path).unwrap().display())
+            } else if ft.is_dir() {
+                format!("dir {:o}", meta.mode() & 0o7777)
+            } else {
+                format!(
+                    "file {:o} {}",
+                    meta.mode() & 0o7777,
+                    sha256_hex(&fs::read(&path).unwrap())
+                )
+            };
+            format!("{rel}: {what}")
+        })
+        .collect()
 }
 
 #[test]
@@ -472,22 +463,6 @@ fn a_non_empty_target_is_refused_and_left_alone() {
         stderr(&out)
     );
     assert!(!tmp.path().join("x").exists());
-}
-
-fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    let cname = std::ffi::CString::new(name).unwrap();
-    let mut value = vec![0u8; 256];
-    // SAFETY: valid C strings and a buffer of the given length.
-    let n = unsafe {
-        libc::lgetxattr(
-            cpath.as_ptr(),
-            cname.as_ptr(),
-            value.as_mut_ptr().cast(),
-            value.len(),
-        )
-    };
-    (n >= 0).then(|| value[..n as usize].to_vec())
 }
 
 /// PAX `SCHILY.xattr.*` records become xattrs where the kernel allows; a layer can't forge

@@ -131,6 +131,39 @@ pub fn fixture_copy(dest: &Path) {
     assert!(out.status.success());
 }
 
+/// Every entry below `root` (not `root` itself), sorted by name: its path relative to `root`,
+/// its full path and its lstat metadata.
+pub fn tree_entries(root: &Path) -> Vec<(String, PathBuf, std::fs::Metadata)> {
+    walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .sort_by_file_name()
+        .into_iter()
+        .map(|entry| {
+            let path = entry.unwrap().into_path();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let meta = path.symlink_metadata().unwrap();
+            (rel, path, meta)
+        })
+        .collect()
+}
+
+/// An extended attribute of `path` itself (symlinks not followed), if it has one.
+pub fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let cname = std::ffi::CString::new(name).unwrap();
+    let mut value = vec![0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::lgetxattr(
+            cpath.as_ptr(),
+            cname.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    (n >= 0).then(|| value[..n as usize].to_vec())
+}
+
 /// Every file under `dir` with its contents' sha256 (symlinks by target), for "unchanged"
 /// checks. A missing directory gives an empty map.
 pub fn snapshot(dir: &Path) -> BTreeMap<String, String> {
@@ -138,22 +171,13 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, String> {
     if !dir.exists() {
         return map;
     }
-    for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
-        let entry = entry.unwrap();
-        let rel = entry
-            .path()
-            .strip_prefix(dir)
-            .unwrap()
-            .display()
-            .to_string();
-        let ft = entry.file_type();
+    map.insert(String::new(), "dir".into());
+    for (rel, path, meta) in tree_entries(dir) {
+        let ft = meta.file_type();
         let value = if ft.is_symlink() {
-            format!(
-                "link:{}",
-                std::fs::read_link(entry.path()).unwrap().display()
-            )
+            format!("link:{}", std::fs::read_link(&path).unwrap().display())
         } else if ft.is_file() {
-            sha256_hex(&std::fs::read(entry.path()).unwrap())
+            sha256_hex(&std::fs::read(&path).unwrap())
         } else {
             "dir".into()
         };
