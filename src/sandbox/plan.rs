@@ -206,15 +206,7 @@ pub fn apply(steps: &[Step], sys: &mut dyn Sys) -> Result<(), String> {
                 inside,
                 flags,
                 data,
-            } => sys.mount_inside(
-                &new_root()?,
-                inside,
-                NodeKind::Dir,
-                None,
-                Some(fstype),
-                *flags,
-                data.as_deref(),
-            ),
+            } => sys.mount_inside(&new_root()?, inside, fstype, *flags, data.as_deref()),
             Step::Bind {
                 source,
                 inside,
@@ -228,9 +220,7 @@ pub fn apply(steps: &[Step], sys: &mut dyn Sys) -> Result<(), String> {
                 sys.mount_inside(
                     &root,
                     "/proc/sys/fs/binfmt_misc",
-                    NodeKind::Dir,
-                    None,
-                    Some("binfmt_misc"),
+                    "binfmt_misc",
                     MsFlags::empty(),
                     None,
                 )

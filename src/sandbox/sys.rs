@@ -29,15 +29,13 @@ pub trait Sys {
         flags: MsFlags,
         data: Option<&str>,
     ) -> Result<(), String>;
-    /// Mounts at `inside` (an absolute path in `root`), creating it as `kind` when missing.
-    #[allow(clippy::too_many_arguments)]
+    /// Mounts a new `fstype` filesystem at `inside` (an absolute path in `root`), creating the
+    /// directory when missing.
     fn mount_inside(
         &mut self,
         root: &Path,
         inside: &str,
-        kind: NodeKind,
-        source: Option<&Path>,
-        fstype: Option<&str>,
+        fstype: &str,
         flags: MsFlags,
         data: Option<&str>,
     ) -> Result<(), String>;
@@ -115,15 +113,13 @@ impl Sys for RealSys {
         &mut self,
         root: &Path,
         inside: &str,
-        kind: NodeKind,
-        source: Option<&Path>,
-        fstype: Option<&str>,
+        fstype: &str,
         flags: MsFlags,
         data: Option<&str>,
     ) -> Result<(), String> {
-        let target = Self::ensure(root, inside, kind)?;
-        let source = source.or(fstype.map(Path::new));
-        nix::mount::mount(source, &fd_path(&target), fstype, flags, data).map_err(|e| e.to_string())
+        let target = Self::ensure(root, inside, NodeKind::Dir)?;
+        nix::mount::mount(Some(fstype), &fd_path(&target), Some(fstype), flags, data)
+            .map_err(|e| e.to_string())
     }
 
     fn bind_inside(
@@ -277,15 +273,12 @@ pub mod tests {
             &mut self,
             root: &Path,
             inside: &str,
-            _kind: NodeKind,
-            _source: Option<&Path>,
-            fstype: Option<&str>,
+            fstype: &str,
             _flags: MsFlags,
             _data: Option<&str>,
         ) -> Result<(), String> {
             self.record(format!(
-                "mount {} inside {} at {inside}",
-                fstype.unwrap_or("none"),
+                "mount {fstype} inside {} at {inside}",
                 root.display()
             ))
         }
