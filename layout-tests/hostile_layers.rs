@@ -61,14 +61,7 @@ impl Runner {
 
     fn unpack(&self, cwd: &Path, image: &str, target: &Path) -> std::process::Output {
         let mut cmd = if self.setpriv {
-            let mut c = Command::new("setpriv");
-            c.args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "--inh-caps=-all",
-                "--bounding-set=-all",
-            ]);
+            let mut c = setpriv_nobody();
             c.arg(&self.lathe);
             c
         } else {

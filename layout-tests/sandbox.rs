@@ -58,18 +58,6 @@ fn fixture(name: &str) -> String {
     format!("oci:{}:{name}", world().join("images").display())
 }
 
-fn setpriv_nobody() -> Command {
-    let mut c = Command::new("setpriv");
-    c.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ]);
-    c
-}
-
 /// A command that runs lathe as `who`.
 fn lathe_as(who: Who) -> Command {
     let exe = world_lathe();

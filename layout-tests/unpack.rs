@@ -236,14 +236,7 @@ fn unpack_as_an_unprivileged_user_records_owners_in_xattrs() {
     fs::set_permissions(&work, fs::Permissions::from_mode(0o1777)).unwrap();
     let as_root = unsafe { libc::geteuid() } == 0;
     let mut cmd = if as_root {
-        let mut c = std::process::Command::new("setpriv");
-        c.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ]);
+        let mut c = setpriv_nobody();
         c.arg(work.join("lathe"));
         c
     } else {

@@ -186,6 +186,20 @@ pub fn snapshot(dir: &Path) -> BTreeMap<String, String> {
     map
 }
 
+/// `setpriv` set up to run its command as nobody (65534:65534) with no groups and no
+/// capabilities, inheritable or bounding: an unprivileged user, as the rootless tests need.
+pub fn setpriv_nobody() -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ]);
+    c
+}
+
 /// The JSON `skopeo inspect --raw` prints, parsed.
 pub fn skopeo_raw(reference: &str) -> (String, serde_json::Value) {
     let raw = tool("skopeo", &["inspect", "--raw", reference]);
