@@ -99,9 +99,7 @@ pub fn process_from_config(
     };
     let mut argv = match process_type {
         Some(kind) => {
-            if kind.is_empty() || kind.contains('/') {
-                return Err(format!("process type {kind:?} is not a valid name"));
-            }
+            check_process_type(kind)?;
             vec![format!("/cnb/process/{kind}")]
         }
         None => strings(&c["Entrypoint"]),
@@ -140,6 +138,14 @@ pub fn process_from_config(
         cwd,
         user,
     })
+}
+
+/// A process type names one file in /cnb/process.
+fn check_process_type(kind: &str) -> Result<(), String> {
+    if kind.is_empty() || kind.contains('/') {
+        return Err(format!("process type {kind:?} is not a valid name"));
+    }
+    Ok(())
 }
 
 /// Resolves the config's `User` (`name`, `uid`, `name:group`, `uid:gid`) against the image's
@@ -205,6 +211,17 @@ pub fn run_image(
     cancel: &AtomicBool,
     progress: &dyn ByteProgress,
 ) -> Result<RunOutcome, RunError> {
+    // The arguments are checked before anything is read.
+    if let Some(kind) = &request.process {
+        check_process_type(kind).map_err(|why| RunError::Usage(format!("--process: {why}")))?;
+    }
+    if request.sandbox == SandboxMode::None {
+        return Err(RunError::Usage(
+            "lathe run --sandbox none would run the host's programs, not the image's; it is \
+             for builds inside the builder image (use --sandbox userns or auto)"
+                .into(),
+        ));
+    }
     let mut notes = Vec::new();
     let host = Platform::host();
     let wanted = request.platform.clone().unwrap_or_else(|| host.clone());
@@ -217,24 +234,10 @@ pub fn run_image(
     )?;
     let manifest_bytes = source.read_blob(&resolved.root)?;
     let manifest = image::parse_manifest(&manifest_bytes, &resolved.root, &source.describe())?;
-    let config: Value = serde_json::from_slice(&source.read_blob(manifest.config())?)
+    let config_bytes = source.read_blob(manifest.config())?;
+    let config: Value = serde_json::from_slice(&config_bytes)
         .map_err(|e| RunError::Invalid(format!("{}: config: {e}", source.describe())))?;
-    let image_platform = image::config_platform(&serde_json::to_vec(&config).unwrap_or_default())
-        .unwrap_or_else(|| wanted.clone());
-    if let Some(kind) = &request.process
-        && (kind.is_empty() || kind.contains('/'))
-    {
-        return Err(RunError::Usage(format!(
-            "--process {kind:?}: process type {kind:?} is not a valid name"
-        )));
-    }
-    if request.sandbox == SandboxMode::None {
-        return Err(RunError::Usage(
-            "lathe run --sandbox none would run the host's programs, not the image's; it is \
-             for builds inside the builder image (use --sandbox userns or auto)"
-                .into(),
-        ));
-    }
+    let image_platform = image::config_platform(&config_bytes).unwrap_or_else(|| wanted.clone());
     let process = process_from_config(
         &config,
         request.process.as_deref(),
