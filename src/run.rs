@@ -296,7 +296,7 @@ pub fn run_image(
         cancel,
     };
     let result = match sandbox::run(&spec, &control) {
-        Err(e) if sandbox::is_overlay_unavailable(&e) => {
+        Err(e @ sandbox::SandboxError::OverlayUnavailable(_)) => {
             let copy = scratch.path().join("copy");
             copy_tree(&rootfs, &copy)?;
             tracing::warn!("overlayfs is unavailable here ({e}); running on a private copy");

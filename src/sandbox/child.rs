@@ -17,7 +17,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 
-use super::plan::{apply, plan};
+use super::plan::{Step, apply, plan};
 use super::sys::RealSys;
 use super::{Message, Network, SPEC_ENV, SYNC_FD, SandboxSpec, format_map};
 
@@ -124,12 +124,10 @@ fn pid1(spec: SandboxSpec, nested: bool, mut report: Reporter, parent_alive: Own
     if spec.network == Network::None {
         bring_up_loopback();
     }
-    if let Err(why) = apply(&plan(&spec), &mut RealSys) {
-        let overlay_failed = why.starts_with("overlay on");
-        report.fail(if overlay_failed {
-            Message::OverlayUnavailable(why)
-        } else {
-            Message::SetupFailed(why)
+    if let Err(failed) = apply(&plan(&spec), &mut RealSys) {
+        report.fail(match failed.step {
+            Step::MountOverlay { .. } => Message::OverlayUnavailable(failed.to_string()),
+            _ => Message::SetupFailed(failed.to_string()),
         });
     }
     let forwarded: SigSet = [

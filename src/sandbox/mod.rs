@@ -45,6 +45,9 @@ pub enum SandboxError {
     NoUserNamespace { why: String, diagnosis: String },
     #[error("sandbox setup: {0}")]
     Setup(String),
+    /// overlayfs could not be mounted here (the caller may run on a private copy instead).
+    #[error("sandbox setup: {0}")]
+    OverlayUnavailable(String),
     /// The payload could not be executed; `code` is 127 (not found) or 126.
     #[error("{why}")]
     Exec { why: String, code: i32 },
@@ -197,11 +200,6 @@ pub struct RunControl<'a> {
     pub cancel: &'a AtomicBool,
 }
 
-/// Why a run failed because overlayfs could not be mounted (the caller may retry on a copy).
-pub fn is_overlay_unavailable(error: &SandboxError) -> bool {
-    matches!(error, SandboxError::Setup(why) if why.starts_with("overlay on"))
-}
-
 /// Runs `spec` and returns the process's exit code (128+N when killed by signal N).
 pub fn run(spec: &SandboxSpec, control: &RunControl) -> Result<i32, SandboxError> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| io_error("socketpair", e))?;
@@ -302,8 +300,9 @@ pub fn run(spec: &SandboxSpec, control: &RunControl) -> Result<i32, SandboxError
     let messages = messages.join().unwrap_or_default();
     for message in messages {
         match message {
-            Message::SetupFailed(why) | Message::OverlayUnavailable(why) => {
-                return Err(SandboxError::Setup(why));
+            Message::SetupFailed(why) => return Err(SandboxError::Setup(why)),
+            Message::OverlayUnavailable(why) => {
+                return Err(SandboxError::OverlayUnavailable(why));
             }
             Message::ExecFailed { why, code } => return Err(SandboxError::Exec { why, code }),
             _ => {}

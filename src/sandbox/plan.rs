@@ -161,83 +161,106 @@ pub fn plan(spec: &SandboxSpec) -> Vec<Step> {
     steps
 }
 
-/// Performs `steps` in order; the first failure stops it, with the step named.
-pub fn apply(steps: &[Step], sys: &mut dyn Sys) -> Result<(), String> {
+/// The step that stopped a plan, and why.
+#[derive(Debug)]
+pub struct StepFailed {
+    pub step: Step,
+    pub why: String,
+}
+
+impl std::fmt::Display for StepFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", describe(&self.step), self.why)
+    }
+}
+
+/// Performs `steps` in order; the first failure stops it.
+pub fn apply(steps: &[Step], sys: &mut dyn Sys) -> Result<(), StepFailed> {
     let mut root: Option<PathBuf> = None;
     for step in steps {
-        let new_root = || root.clone().ok_or("no root mounted yet".to_string());
-        let result = match step {
-            Step::MakeAllPrivate => sys.mount(
-                None,
-                Path::new("/"),
-                None,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None,
-            ),
-            Step::MountOverlay {
-                lower,
-                upper,
-                work,
-                merged,
-            } => {
-                root = Some(merged.clone());
-                overlay_options(lower, upper, work).and_then(|data| {
-                    sys.mount(
-                        Some(Path::new("overlay")),
-                        merged,
-                        Some("overlay"),
-                        MsFlags::empty(),
-                        Some(&data),
-                    )
-                })
-            }
-            Step::BindRootOntoItself { root: dir } => {
-                root = Some(dir.clone());
-                sys.mount(
-                    Some(dir),
-                    dir,
-                    None,
-                    MsFlags::MS_BIND | MsFlags::MS_REC,
-                    None,
-                )
-            }
-            Step::Mount {
-                fstype,
-                inside,
-                flags,
-                data,
-            } => sys.mount_inside(&new_root()?, inside, fstype, *flags, data.as_deref()),
-            Step::Bind {
-                source,
-                inside,
-                kind,
-                read_only,
-            } => sys.bind_inside(&new_root()?, inside, *kind, source, *read_only),
-            Step::Symlink { inside, target } => sys.symlink_inside(&new_root()?, inside, target),
-            Step::EnsureDir { inside } => sys.ensure_dir_inside(&new_root()?, inside),
-            Step::RegisterEmulator(emulator) => {
-                let root = new_root()?;
-                sys.mount_inside(
-                    &root,
-                    "/proc/sys/fs/binfmt_misc",
-                    "binfmt_misc",
-                    MsFlags::empty(),
-                    None,
-                )
-                .and_then(|()| {
-                    sys.write_inside(
-                        &root,
-                        "/proc/sys/fs/binfmt_misc/register",
-                        emulator.registration()?.as_bytes(),
-                    )
-                })
-            }
-            Step::SetHostname(name) => sys.sethostname(name),
-            Step::PivotRoot => sys.pivot_root(&new_root()?),
-        };
-        result.map_err(|why| format!("{}: {why}", describe(step)))?;
+        apply_step(step, sys, &mut root).map_err(|why| StepFailed {
+            step: step.clone(),
+            why,
+        })?;
     }
     Ok(())
+}
+
+/// One step; `root` is the new root once a step has mounted it.
+fn apply_step(step: &Step, sys: &mut dyn Sys, root: &mut Option<PathBuf>) -> Result<(), String> {
+    let new_root = |root: &Option<PathBuf>| {
+        root.clone()
+            .ok_or_else(|| "no root mounted yet".to_string())
+    };
+    match step {
+        Step::MakeAllPrivate => sys.mount(
+            None,
+            Path::new("/"),
+            None,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None,
+        ),
+        Step::MountOverlay {
+            lower,
+            upper,
+            work,
+            merged,
+        } => {
+            *root = Some(merged.clone());
+            overlay_options(lower, upper, work).and_then(|data| {
+                sys.mount(
+                    Some(Path::new("overlay")),
+                    merged,
+                    Some("overlay"),
+                    MsFlags::empty(),
+                    Some(&data),
+                )
+            })
+        }
+        Step::BindRootOntoItself { root: dir } => {
+            *root = Some(dir.clone());
+            sys.mount(
+                Some(dir),
+                dir,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None,
+            )
+        }
+        Step::Mount {
+            fstype,
+            inside,
+            flags,
+            data,
+        } => sys.mount_inside(&new_root(root)?, inside, fstype, *flags, data.as_deref()),
+        Step::Bind {
+            source,
+            inside,
+            kind,
+            read_only,
+        } => sys.bind_inside(&new_root(root)?, inside, *kind, source, *read_only),
+        Step::Symlink { inside, target } => sys.symlink_inside(&new_root(root)?, inside, target),
+        Step::EnsureDir { inside } => sys.ensure_dir_inside(&new_root(root)?, inside),
+        Step::RegisterEmulator(emulator) => {
+            let root = new_root(root)?;
+            sys.mount_inside(
+                &root,
+                "/proc/sys/fs/binfmt_misc",
+                "binfmt_misc",
+                MsFlags::empty(),
+                None,
+            )
+            .and_then(|()| {
+                sys.write_inside(
+                    &root,
+                    "/proc/sys/fs/binfmt_misc/register",
+                    emulator.registration()?.as_bytes(),
+                )
+            })
+        }
+        Step::SetHostname(name) => sys.sethostname(name),
+        Step::PivotRoot => sys.pivot_root(&new_root(root)?),
+    }
 }
 
 fn describe(step: &Step) -> String {
@@ -349,7 +372,7 @@ mod tests {
             fail_on: Some("/workspace".into()),
             ..Default::default()
         };
-        let err = apply(&plan(&spec()), &mut sys).unwrap_err();
+        let err = apply(&plan(&spec()), &mut sys).unwrap_err().to_string();
         assert!(err.contains("on /workspace"), "{err}");
         assert!(!sys.calls.iter().any(|c| c.starts_with("pivot_root")));
     }
