@@ -763,20 +763,7 @@ impl<R: Read> Read for CountingReader<'_, R> {
 /// Root on the host (or in a user namespace that maps at least ids 0–65535) can chown to the
 /// image's owners; root of a rootless container's namespace, with a single id, cannot.
 fn can_set_any_owner() -> bool {
-    let maps_all = |file: &str| {
-        fs::read_to_string(file).is_ok_and(|text| {
-            text.lines().any(|line| {
-                let fields: Vec<u64> = line
-                    .split_whitespace()
-                    .filter_map(|f| f.parse().ok())
-                    .collect();
-                matches!(fields[..], [0, _, count] if count >= 65536)
-            })
-        })
-    };
-    nix::unistd::geteuid().is_root()
-        && maps_all("/proc/self/uid_map")
-        && maps_all("/proc/self/gid_map")
+    nix::unistd::geteuid().is_root() && crate::idmap::own_namespace_maps_image_ids()
 }
 
 fn join(parent: &str, name: &str) -> String {

@@ -19,7 +19,8 @@ use nix::unistd::{ForkResult, Gid, Pid, Uid, fork};
 
 use super::plan::{Step, apply, plan};
 use super::sys::RealSys;
-use super::{Message, Network, SPEC_ENV, SYNC_FD, SandboxSpec, format_map};
+use super::{Message, Network, SPEC_ENV, SYNC_FD, SandboxSpec};
+use crate::idmap;
 
 /// The exit code of a sandbox that could not be set up (the parent reports the reason).
 pub const SETUP_FAILED: i32 = 125;
@@ -233,8 +234,8 @@ fn nest_as_image_user(uid: u32, gid: u32) -> Result<(), String> {
         std::fs::write(format!("/proc/self/{file}"), text).map_err(|e| format!("{file}: {e}"))
     };
     write("setgroups", "deny".into())?;
-    write("uid_map", format_map(&[(uid, 0, 1)]))?;
-    write("gid_map", format_map(&[(gid, 0, 1)]))
+    write("uid_map", idmap::format(&[(uid, 0, 1)]))?;
+    write("gid_map", idmap::format(&[(gid, 0, 1)]))
 }
 
 /// `program` itself when it has a slash, else the first executable file of that name on PATH.

@@ -26,6 +26,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::idmap::{self, IdRange};
 use crate::platform::Platform;
 
 /// The environment variable that carries the spec into `lathe __sandbox-init`.
@@ -322,9 +323,6 @@ fn io_error(what: &str, e: std::io::Error) -> SandboxError {
     }
 }
 
-/// One line of /proc/PID/uid_map or gid_map: inside, outside, count.
-type IdRange = (u32, u32, u32);
-
 /// The sandbox's id map for a caller with id `caller` and an optional subordinate range
 /// (start, count): root keeps every id; anyone else is root inside (mounts and binfmt_misc
 /// need it), with the subordinate range filling 1–65535 when there is one.
@@ -397,48 +395,22 @@ fn write_id_maps(pid: u32, image_uid: u32, image_gid: u32) -> Result<bool, Strin
         // container's user namespace (`unshare --user --map-root-user`, say).
         let uids = identity_of_own_ids("/proc/self/uid_map")?;
         let gids = identity_of_own_ids("/proc/self/gid_map")?;
-        write("uid_map", format_map(&uids))?;
-        write("gid_map", format_map(&gids))?;
-        return Ok(!(covers(&uids, image_uid) && covers(&gids, image_gid)));
+        write("uid_map", idmap::format(&uids))?;
+        write("gid_map", idmap::format(&gids))?;
+        return Ok(!(idmap::covers(&uids, image_uid) && idmap::covers(&gids, image_gid)));
     }
     write("setgroups", "deny".into())?;
-    write("uid_map", format_map(&id_ranges(caller_uid, None)))?;
-    write("gid_map", format_map(&id_ranges(caller_gid, None)))?;
+    write("uid_map", idmap::format(&id_ranges(caller_uid, None)))?;
+    write("gid_map", idmap::format(&id_ranges(caller_gid, None)))?;
     Ok(nests_user_namespace(caller_uid, None))
 }
 
 /// An identity map of the ids this process's own user namespace has.
 fn identity_of_own_ids(map_file: &str) -> Result<Vec<IdRange>, String> {
-    let text = std::fs::read_to_string(map_file).map_err(|e| format!("{map_file}: {e}"))?;
-    Ok(parse_map(&text)
+    Ok(idmap::read(map_file)?
         .into_iter()
         .map(|(inside, _, count)| (inside, inside, count))
         .collect())
-}
-
-fn parse_map(text: &str) -> Vec<IdRange> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace().map(|f| f.parse::<u32>());
-            match (fields.next(), fields.next(), fields.next()) {
-                (Some(Ok(i)), Some(Ok(o)), Some(Ok(c))) => Some((i, o, c)),
-                _ => None,
-            }
-        })
-        .collect()
-}
-
-fn covers(ranges: &[IdRange], id: u32) -> bool {
-    ranges
-        .iter()
-        .any(|&(inside, _, count)| id >= inside && (id - inside) < count)
-}
-
-pub(crate) fn format_map(ranges: &[IdRange]) -> String {
-    ranges
-        .iter()
-        .map(|(i, o, c)| format!("{i} {o} {c}\n"))
-        .collect()
 }
 
 /// The caller's range in /etc/subuid or /etc/subgid (by name or uid), if it has 65536 ids.
@@ -526,20 +498,10 @@ mod tests {
     }
 
     #[test]
-    fn maps_parse_and_cover() {
-        let host = parse_map("         0          0 4294967295\n");
-        assert!(covers(&host, 1001));
-        let rootless = parse_map("0 1000 1\n1 100000 65536\n");
-        assert_eq!(rootless, vec![(0, 1000, 1), (1, 100_000, 65536)]);
-        assert!(covers(&rootless, 65536) && !covers(&rootless, 65537));
-        assert!(!covers(&parse_map("0 1000 1"), 1001));
-    }
-
-    #[test]
     fn an_unprivileged_caller_is_root_inside_and_the_payload_nests() {
         assert_eq!(id_ranges(2000, None), vec![(0, 2000, 1)]);
         assert!(nests_user_namespace(2000, None));
-        assert_eq!(format_map(&id_ranges(2000, None)), "0 2000 1\n");
+        assert_eq!(idmap::format(&id_ranges(2000, None)), "0 2000 1\n");
     }
 
     #[test]
