@@ -304,7 +304,7 @@ impl Work {
 impl Drop for Work {
     fn drop(&mut self) {
         // Stores hold read-only directories; remove_tree makes them writable first.
-        let _ = lathe::store::remove_tree(self.dir.path());
+        let _ = lathe::layout::remove_tree(self.dir.path());
     }
 }
 

@@ -13,7 +13,7 @@ use crate::image::{self, ImageError, ImageSource, Selection};
 use crate::platform::Platform;
 use crate::progress::ByteProgress;
 use crate::sandbox::{self, Bind, Emulator, Network, RootFs, RunControl, SandboxSpec};
-use crate::store::{self, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -309,7 +309,7 @@ pub fn run_image(
         }
     };
     let scratch_path = scratch.keep();
-    let _ = store::remove_tree(&scratch_path);
+    let _ = crate::layout::remove_tree(&scratch_path);
     Ok(RunOutcome {
         exit_code: result?,
         notes,

@@ -118,7 +118,7 @@ impl Store {
         if !reused {
             if path.exists() {
                 // A tree without its record is from an older, interrupted store: redo it.
-                remove_tree(&path).map_err(io_err(&path))?;
+                crate::layout::remove_tree(&path).map_err(io_err(&path))?;
             }
             unpack::unpack(source, manifest, &path, progress)?;
             let meta = RootfsRecord {
@@ -192,7 +192,7 @@ impl Store {
         for entry in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
             let entry = entry.map_err(io_err(&tmp))?;
             report.bytes += tree_size(&entry.path());
-            remove_tree(&entry.path()).map_err(io_err(&entry.path()))?;
+            crate::layout::remove_tree(&entry.path()).map_err(io_err(&entry.path()))?;
             report.scratch_dirs += 1;
         }
         let rootfs = store.dir.join("rootfs");
@@ -214,7 +214,7 @@ impl Store {
             };
             if stale {
                 report.bytes += tree_size(&path);
-                remove_tree(&path).map_err(io_err(&path))?;
+                crate::layout::remove_tree(&path).map_err(io_err(&path))?;
                 let _ = fs::remove_file(&record);
                 report.root_filesystems += 1;
             }
@@ -238,24 +238,4 @@ fn tree_size(path: &Path) -> u64 {
         .filter_map(|e| e.metadata().ok())
         .map(|m| m.blocks() * 512)
         .sum()
-}
-
-/// Removes a tree whose directories may be read-only (unpacked images keep their modes).
-pub fn remove_tree(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-        Ok(m) if !m.is_dir() => return fs::remove_file(path),
-        Ok(_) => {}
-    }
-    for entry in walkdir::WalkDir::new(path)
-        .into_iter()
-        .filter_map(Result::ok)
-    {
-        if entry.file_type().is_dir() {
-            let _ = fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o700));
-        }
-    }
-    fs::remove_dir_all(path)
 }

@@ -163,11 +163,15 @@ pub fn unpack(
     applied?;
     unpacker.finish_dirs()?;
     let _ = fs::remove_dir(target);
-    fs::rename(staging.path(), target).map_err(|e| UnpackError::Io {
-        path: target.to_path_buf(),
-        source: e,
-    })?;
-    let _ = staging.keep();
+    let staging = staging.keep();
+    if let Err(e) = fs::rename(&staging, target) {
+        // Its directories now have the image's modes, possibly read-only.
+        let _ = crate::layout::remove_tree(&staging);
+        return Err(UnpackError::Io {
+            path: target.to_path_buf(),
+            source: e,
+        });
+    }
     Ok(unpacker.report)
 }
 

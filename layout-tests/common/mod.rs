@@ -273,11 +273,11 @@ pub fn world_readable_lathe_and_fixtures() -> &'static Path {
                 .and_then(|p| p.parse::<i32>().ok())
                 && !Path::new(&format!("/proc/{pid}")).exists()
             {
-                let _ = lathe::store::remove_tree(&entry.path());
+                let _ = lathe::layout::remove_tree(&entry.path());
             }
         }
         let dir = base.join(format!("{prefix}{}", std::process::id()));
-        let _ = lathe::store::remove_tree(&dir);
+        let _ = lathe::layout::remove_tree(&dir);
         std::fs::create_dir(&dir).unwrap();
         std::fs::copy(lathe_bin(), dir.join("lathe")).unwrap();
         tool(
