@@ -12,6 +12,7 @@ pub mod image;
 pub mod inspect;
 pub mod layer;
 pub mod layout;
+pub mod lifecycle;
 pub mod platform;
 pub mod progress;
 pub mod reference;
