@@ -15,6 +15,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod platform;
 pub mod progress;
+pub mod project;
 pub mod reference;
 pub mod registry;
 pub mod run;
