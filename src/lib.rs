@@ -5,6 +5,7 @@
 //! is the library; `src/main.rs` is a thin command line over [`cli`].
 
 pub mod archive;
+pub mod build;
 pub mod cli;
 pub mod content;
 pub mod idmap;
@@ -15,6 +16,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod platform;
 pub mod progress;
+pub mod project;
 pub mod reference;
 pub mod registry;
 pub mod run;

@@ -8,8 +8,13 @@
 //! `../shared/cnb-spec-digest.md` §1–§2 is the contract; where the spec and the reference
 //! lifecycle differ, this follows the lifecycle, because real buildpacks are tested against it.
 
+pub mod build;
+pub mod cache;
 pub mod descriptor;
+pub mod detect;
 pub mod env;
+pub mod order;
+pub mod phase;
 
 use std::fmt;
 use std::path::PathBuf;
