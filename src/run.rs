@@ -273,13 +273,8 @@ pub fn run_image(
         None
     };
     let scratch = store.scratch()?;
-    let mut spec = SandboxSpec {
-        rootfs: RootFs::Overlay {
-            lower: rootfs.clone(),
-            upper: make_dir(scratch.path(), "upper")?,
-            work: make_dir(scratch.path(), "work")?,
-            merged: make_dir(scratch.path(), "merged")?,
-        },
+    let spec = SandboxSpec {
+        rootfs: RootFs::Private(rootfs.clone()),
         binds: request.volumes.clone(),
         argv: process.argv,
         env: process.env,
@@ -289,31 +284,53 @@ pub fn run_image(
         network: request.network,
         emulator,
         hostname: "lathe".into(),
+        user_is_caller: false,
+        lifecycle: None,
     };
     let control = RunControl {
         lathe_exe: lathe_exe.to_path_buf(),
         timeout: request.timeout,
         cancel,
     };
-    let result = match sandbox::run(&spec, &control) {
-        Err(e @ sandbox::SandboxError::OverlayUnavailable(_)) => {
-            let copy = scratch.path().join("copy");
-            copy_tree(&rootfs, &copy)?;
-            tracing::warn!("overlayfs is unavailable here ({e}); running on a private copy");
-            spec.rootfs = RootFs::Private(copy);
-            sandbox::run(&spec, &control)
-        }
-        other => {
-            notes.push("ran on an overlay of the stored root filesystem".into());
-            other
-        }
-    };
+    let result = run_on_writable_root(spec, &rootfs, scratch.path(), &control, &mut notes);
     let scratch_path = scratch.keep();
     let _ = crate::layout::remove_tree(&scratch_path);
     Ok(RunOutcome {
         exit_code: result?,
         notes,
     })
+}
+
+/// Runs `spec` on a writable view of the read-only tree `rootfs` (whatever `spec.rootfs`
+/// says is replaced): an overlay in `scratch`, or where the kernel refuses overlayfs in a user
+/// namespace, a private copy there. Says which in `notes`.
+pub(crate) fn run_on_writable_root(
+    mut spec: SandboxSpec,
+    rootfs: &Path,
+    scratch: &Path,
+    control: &RunControl,
+    notes: &mut Vec<String>,
+) -> Result<i32, RunError> {
+    spec.rootfs = RootFs::Overlay {
+        lower: rootfs.to_path_buf(),
+        upper: make_dir(scratch, "upper")?,
+        work: make_dir(scratch, "work")?,
+        merged: make_dir(scratch, "merged")?,
+    };
+    match sandbox::run(&spec, control) {
+        Err(e @ sandbox::SandboxError::OverlayUnavailable(_)) => {
+            let copy = scratch.join("copy");
+            copy_tree(rootfs, &copy)?;
+            tracing::warn!("overlayfs is unavailable here ({e}); running on a private copy");
+            notes.push("ran on a private copy of the stored root filesystem".into());
+            spec.rootfs = RootFs::Private(copy);
+            Ok(sandbox::run(&spec, control)?)
+        }
+        other => {
+            notes.push("ran on an overlay of the stored root filesystem".into());
+            Ok(other?)
+        }
+    }
 }
 
 fn make_dir(parent: &Path, name: &str) -> Result<PathBuf, RunError> {

@@ -147,6 +147,9 @@ fn pid1(spec: SandboxSpec, nested: bool, mut report: Reporter, parent_alive: Own
     let payload = match unsafe { fork() } {
         Ok(ForkResult::Child) => {
             let _ = forwarded.thread_unblock();
+            if let Some(request) = &spec.lifecycle {
+                run_lifecycle(&spec, request, nested, report)
+            }
             let (why, code) = exec_payload(&spec, nested);
             report.fail(Message::ExecFailed { why, code })
         }
@@ -176,6 +179,30 @@ fn pid1(spec: SandboxSpec, nested: bool, mut report: Reporter, parent_alive: Own
     }
 }
 
+/// Runs the lifecycle as the image user in the working directory and exits with its code,
+/// telling the parent why when it fails.
+fn run_lifecycle(
+    spec: &SandboxSpec,
+    request: &crate::lifecycle::phase::PhaseRequest,
+    nested: bool,
+    mut report: Reporter,
+) -> ! {
+    if let Err((why, _)) = become_image_user(spec, nested) {
+        report.fail(Message::SetupFailed(why))
+    }
+    match crate::lifecycle::phase::run(request) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            let code = e.exit_code();
+            report.send(&Message::LifecycleFailed {
+                message: e.to_string(),
+                code,
+            });
+            std::process::exit(code)
+        }
+    }
+}
+
 /// Becomes the image user in the working directory and execs the payload; returns why not,
 /// with 127 when the program is not there and 126 otherwise.
 fn exec_payload(spec: &SandboxSpec, nested: bool) -> (String, i32) {
@@ -188,6 +215,13 @@ fn exec_payload(spec: &SandboxSpec, nested: bool) -> (String, i32) {
 type ExecFailure = (String, Option<Errno>);
 
 fn prepare_and_exec(spec: &SandboxSpec, nested: bool) -> Result<Infallible, ExecFailure> {
+    become_image_user(spec, nested)?;
+    exec(spec)
+}
+
+/// Becomes `spec`'s uid:gid (through a nested user namespace when `nested`) in its working
+/// directory.
+fn become_image_user(spec: &SandboxSpec, nested: bool) -> Result<(), ExecFailure> {
     let gid = Gid::from_raw(spec.gid);
     let uid = Uid::from_raw(spec.uid);
     if nested && let Err(why) = nest_as_image_user(spec.uid, spec.gid) {
@@ -203,6 +237,10 @@ fn prepare_and_exec(spec: &SandboxSpec, nested: bool) -> Result<Infallible, Exec
         .map_err(|e| (format!("becoming user {}: {e}", spec.uid), None))?;
     nix::unistd::chdir(Path::new(&spec.cwd))
         .map_err(|e| (format!("working directory {}: {e}", spec.cwd), None))?;
+    Ok(())
+}
+
+fn exec(spec: &SandboxSpec) -> Result<Infallible, ExecFailure> {
     let Some(program) = spec.argv.first() else {
         let why = "nothing to run: the image has no entrypoint or command";
         return Err((why.into(), Some(Errno::ENOENT)));

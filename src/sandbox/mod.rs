@@ -58,6 +58,9 @@ pub enum SandboxError {
     Interrupted,
     #[error("{what}: {why}")]
     Io { what: String, why: String },
+    /// The lifecycle payload failed; `code` is the lifecycle's exit code for it.
+    #[error("{message}")]
+    Lifecycle { message: String, code: i32 },
 }
 
 /// How the root filesystem is made writable without changing the tree it comes from.
@@ -173,6 +176,16 @@ pub struct SandboxSpec {
     pub network: Network,
     pub emulator: Option<Emulator>,
     pub hostname: String,
+    /// Run the payload as the caller's own id (nesting a user namespace in which the caller
+    /// is `uid`:`gid`) even where a subordinate range would allow the image's real ids: a
+    /// build's work area, made by the caller, is then the buildpacks' to write, and what they
+    /// write is the caller's to read and delete. Root needs no such help (it chowns).
+    #[serde(default)]
+    pub user_is_caller: bool,
+    /// Run the lifecycle (detect and build) in the payload process instead of exec'ing `argv`:
+    /// lathe's own code, already in memory, running inside the image.
+    #[serde(default)]
+    pub lifecycle: Option<crate::lifecycle::phase::PhaseRequest>,
 }
 
 /// Messages from the sandbox's processes to this side, one JSON line each.
@@ -188,6 +201,11 @@ enum Message {
     SetupFailed(String),
     ExecFailed {
         why: String,
+        code: i32,
+    },
+    /// The lifecycle payload failed with this exit code and message.
+    LifecycleFailed {
+        message: String,
         code: i32,
     },
 }
@@ -250,7 +268,7 @@ pub fn run(spec: &SandboxSpec, control: &RunControl) -> Result<i32, SandboxError
             )));
         }
     }
-    let nested = match write_id_maps(pid, spec.uid, spec.gid) {
+    let nested = match write_id_maps(pid, spec.uid, spec.gid, spec.user_is_caller) {
         Ok(nested) => nested,
         Err(why) => {
             let _ = child.kill();
@@ -306,6 +324,9 @@ pub fn run(spec: &SandboxSpec, control: &RunControl) -> Result<i32, SandboxError
                 return Err(SandboxError::OverlayUnavailable(why));
             }
             Message::ExecFailed { why, code } => return Err(SandboxError::Exec { why, code }),
+            Message::LifecycleFailed { message, code } => {
+                return Err(SandboxError::Lifecycle { message, code });
+            }
             _ => {}
         }
     }
@@ -345,8 +366,14 @@ pub fn nests_user_namespace(caller: u32, subordinate: Option<(u32, u32)>) -> boo
 }
 
 /// Writes the maps of process `pid`'s new user namespace; returns whether the payload must
-/// nest a user namespace of its own (see [`nests_user_namespace`]).
-fn write_id_maps(pid: u32, image_uid: u32, image_gid: u32) -> Result<bool, String> {
+/// nest a user namespace of its own (see [`nests_user_namespace`] and
+/// [`SandboxSpec::user_is_caller`]).
+fn write_id_maps(
+    pid: u32,
+    image_uid: u32,
+    image_gid: u32,
+    user_is_caller: bool,
+) -> Result<bool, String> {
     let caller_uid = nix::unistd::getuid().as_raw();
     let caller_gid = nix::unistd::getgid().as_raw();
     let user = nix::unistd::User::from_uid(nix::unistd::getuid())
@@ -384,7 +411,7 @@ fn write_id_maps(pid: u32, image_uid: u32, image_gid: u32) -> Result<bool, Strin
                 ));
             }
         }
-        return Ok(false);
+        return Ok(user_is_caller);
     }
     let write = |file: &str, text: String| {
         let path = format!("/proc/{pid}/{file}");

@@ -333,6 +333,8 @@ mod tests {
                 interpreter: "/usr/bin/qemu-aarch64-static".into(),
             }),
             hostname: "lathe".into(),
+            user_is_caller: false,
+            lifecycle: None,
         }
     }
 

@@ -1,0 +1,998 @@
+//! `lathe build`, the host's side: reads the builder (or a build image and buildpack
+//! directories), unpacks it into the store, prepares the work area (a copy of the app,
+//! `/layers`, `/platform`), runs the lifecycle (detect, build) rooted in the build image — in
+//! the sandbox, or with `--sandbox none` in this very process when lathe runs inside the
+//! builder image — and reads back what it wrote. The run image is read here only for its
+//! target; export is the export issue's.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::image::{self, ImageError, ImageSource, Selection};
+use crate::lifecycle::descriptor::{self, OrderEntry};
+use crate::lifecycle::phase::PhaseRequest;
+use crate::lifecycle::{self, Distro, GroupFile, GroupMember, Paths, TargetData, escape_id};
+use crate::platform::Platform;
+use crate::progress::ByteProgress;
+use crate::project::{self, Project};
+use crate::reference::ImageRef;
+use crate::run::{self, RunError, SandboxMode};
+use crate::sandbox::{self, Bind, Emulator, Network, RunControl, SandboxSpec};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The user's arguments are at fault (exit code 3).
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// The lifecycle failed; `code` is the reference lifecycle's exit code for it.
+    #[error("{message}")]
+    Lifecycle { message: String, code: i32 },
+    #[error("{0}")]
+    Invalid(String),
+    /// Detect and build worked; writing the image is the export issue's (exit 62).
+    #[error(
+        "detect and build succeeded, but export is not yet supported: nothing was written to \
+         {0}"
+    )]
+    ExportNotYetSupported(String),
+}
+
+impl BuildError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            BuildError::Usage(_) => 3,
+            BuildError::Image(e) if e.is_usage() => 3,
+            BuildError::Lifecycle { code, .. } => *code,
+            BuildError::Run(e) => e.exit_code(),
+            BuildError::ExportNotYetSupported(_) => 62,
+            _ => 1,
+        }
+    }
+}
+
+impl From<sandbox::SandboxError> for BuildError {
+    fn from(e: sandbox::SandboxError) -> BuildError {
+        match e {
+            sandbox::SandboxError::Lifecycle { message, code } => {
+                BuildError::Lifecycle { message, code }
+            }
+            other => BuildError::Run(RunError::Sandbox(other)),
+        }
+    }
+}
+
+impl From<lifecycle::LifecycleError> for BuildError {
+    fn from(e: lifecycle::LifecycleError) -> BuildError {
+        BuildError::Lifecycle {
+            code: e.exit_code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A `--buildpack` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildpackArg {
+    /// A buildpack's directory (holding buildpack.toml).
+    Dir(PathBuf),
+    /// `ID[@VERSION]` of a buildpack the builder has.
+    Id { id: String, version: String },
+}
+
+impl BuildpackArg {
+    pub fn parse(text: &str) -> Result<BuildpackArg, String> {
+        let path = Path::new(text);
+        if path.is_dir() {
+            return std::fs::canonicalize(path)
+                .map(BuildpackArg::Dir)
+                .map_err(|e| format!("{text}: {e}"));
+        }
+        if text.contains(':') || text.starts_with('.') || text.starts_with('/') {
+            return Err(format!(
+                "{text}: not a buildpack directory, and buildpack images are not yet supported \
+                 as --buildpack (put the buildpack in the builder, or give its directory)"
+            ));
+        }
+        let (id, version) = text.split_once('@').unwrap_or((text, ""));
+        if id.is_empty() {
+            return Err(format!("{text}: use a directory or ID[@VERSION]"));
+        }
+        Ok(BuildpackArg::Id {
+            id: id.into(),
+            version: version.into(),
+        })
+    }
+}
+
+pub struct BuildRequest {
+    pub app: PathBuf,
+    pub builder: Option<ImageRef>,
+    pub build_image: Option<ImageRef>,
+    pub run_image: Option<ImageRef>,
+    pub buildpacks: Vec<BuildpackArg>,
+    /// The platform to build for (default: the host's).
+    pub platform: Option<Platform>,
+    pub env: Vec<(String, String)>,
+    pub volumes: Vec<Bind>,
+    /// Service bindings: `/platform/bindings/NAME` from a host directory.
+    pub bindings: Vec<(String, PathBuf)>,
+    /// A platform directory whose contents seed `/platform`.
+    pub platform_dir: Option<PathBuf>,
+    /// project.toml (default: the app's own, when it has one).
+    pub descriptor: Option<PathBuf>,
+    pub network: Network,
+    pub sandbox: SandboxMode,
+    pub timeout: Option<Duration>,
+    pub detect_timeout: Option<Duration>,
+    pub store: PathBuf,
+    /// A directory cache of the buildpacks' cache layers.
+    pub cache_dir: Option<PathBuf>,
+    /// Start without the cache's layers (the cache is still written after the build).
+    pub clear_cache: bool,
+}
+
+/// A layer a buildpack made.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LayerSummary {
+    pub buildpack: String,
+    pub name: String,
+    pub launch: bool,
+    pub build: bool,
+    pub cache: bool,
+}
+
+/// What the build made, read from the files the lifecycle wrote.
+#[derive(Debug, serde::Serialize)]
+pub struct BuildOutcome {
+    pub group: Vec<GroupMember>,
+    pub layers: Vec<LayerSummary>,
+    /// config/metadata.toml as the lifecycle wrote it.
+    pub metadata: Value,
+    #[serde(skip)]
+    pub notes: Vec<String>,
+}
+
+/// The build image, as far as a build needs it.
+struct BuildImage {
+    platform: Platform,
+    config: Value,
+    rootfs: PathBuf,
+    uid: u32,
+    gid: u32,
+}
+
+/// Runs detect and build for `request`.
+pub fn build(
+    request: &BuildRequest,
+    lathe_exe: &Path,
+    cancel: &AtomicBool,
+    progress: &dyn ByteProgress,
+) -> Result<BuildOutcome, BuildError> {
+    check_arguments(request)?;
+    let project = read_project(request)?;
+    let mode = choose_sandbox(request)?;
+    if mode == SandboxMode::None {
+        return build_in_this_container(request, project.as_ref());
+    }
+    let mut notes = Vec::new();
+    let store = Store::open(&request.store)?;
+    let build_ref = request
+        .builder
+        .as_ref()
+        .or(request.build_image.as_ref())
+        .expect("checked");
+    let build_source = image::open_source(build_ref)?;
+    let wanted = request.platform.clone().unwrap_or_else(Platform::host);
+    let build_image = read_build_image(build_source.as_ref(), &wanted, &store, progress)?;
+    let run_ref = run_image_ref(request, &build_image.rootfs)?;
+    let target = read_target(&run_ref, &build_image.platform)?;
+
+    let scratch = store.scratch()?;
+    let work = scratch.path();
+    let workspace = make_dir(work, "workspace")?;
+    let layers = make_dir(work, "layers")?;
+    let platform_dir = make_dir(work, "platform")?;
+    copy_app(request, project.as_ref(), &workspace)?;
+    let mut binds = vec![
+        bind(&workspace, "/workspace", false),
+        bind(&layers, "/layers", false),
+        bind(&platform_dir, "/platform", true),
+    ];
+    binds.extend(prepare_platform_dir(
+        request,
+        project.as_ref(),
+        &platform_dir,
+    )?);
+    let (buildpack_binds, order_written) = prepare_buildpacks(request, project.as_ref(), &layers)?;
+    binds.extend(buildpack_binds);
+    binds.extend(request.volumes.iter().cloned());
+    let cache = prepare_cache_dir(request)?;
+    if let Some(cache) = &cache {
+        binds.push(bind(cache, CACHE_INSIDE, false));
+    }
+
+    let caller = nix::unistd::getuid().as_raw();
+    if caller == 0 {
+        for dir in [Some(&workspace), Some(&layers), cache.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            chown_tree(dir, build_image.uid, build_image.gid)?;
+        }
+    }
+    let host = Platform::host();
+    let emulator = if build_image.platform.arch != host.arch {
+        Some(Emulator::find_for(&build_image.platform).map_err(BuildError::Invalid)?)
+    } else {
+        None
+    };
+    let lifecycle_env = lifecycle_env(&build_image);
+    let paths = Paths {
+        order: if order_written {
+            "/layers/order.toml".into()
+        } else {
+            "/cnb/order.toml".into()
+        },
+        ..Paths::default()
+    };
+    let spec = SandboxSpec {
+        rootfs: sandbox::RootFs::Private(build_image.rootfs.clone()),
+        binds,
+        argv: Vec::new(),
+        env: lifecycle_env.clone(),
+        cwd: "/workspace".into(),
+        uid: build_image.uid,
+        gid: build_image.gid,
+        network: request.network,
+        emulator,
+        hostname: "lathe".into(),
+        user_is_caller: caller != 0,
+        lifecycle: Some(PhaseRequest {
+            paths,
+            target,
+            exec_env: "production".into(),
+            lifecycle_env,
+            detect_timeout: request.detect_timeout,
+            os_release: "/etc/os-release".into(),
+            cache: cache.as_ref().map(|_| PathBuf::from(CACHE_INSIDE)),
+            clear_cache: request.clear_cache,
+        }),
+    };
+    let control = RunControl {
+        lathe_exe: lathe_exe.to_path_buf(),
+        timeout: request.timeout,
+        cancel,
+    };
+    let ran = run::run_on_writable_root(spec, &build_image.rootfs, work, &control, &mut notes);
+    let outcome = match ran {
+        Ok(0) => read_outcome(&layers, notes),
+        Ok(code) => Err(BuildError::Lifecycle {
+            message: format!("the lifecycle ended with exit code {code}"),
+            code,
+        }),
+        Err(RunError::Sandbox(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    };
+    let scratch_path = scratch.keep();
+    let _ = crate::layout::remove_tree(&scratch_path);
+    outcome
+}
+
+/// The group, the layers and the processes, as lines for people.
+pub fn describe(outcome: &BuildOutcome) -> String {
+    let mut text = String::from("Group:\n");
+    for member in &outcome.group {
+        text += &format!("  {} {}\n", member.id, member.version);
+    }
+    text += "Layers:\n";
+    for layer in &outcome.layers {
+        let types: Vec<&str> = [
+            (layer.launch, "launch"),
+            (layer.build, "build"),
+            (layer.cache, "cache"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        text += &format!(
+            "  {}/{} [{}]\n",
+            layer.buildpack,
+            layer.name,
+            types.join(",")
+        );
+    }
+    text += "Processes:\n";
+    let default = outcome.metadata["buildpack-default-process-type"].as_str();
+    for process in outcome.metadata["processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let kind = process["type"].as_str().unwrap_or("?");
+        let command: Vec<String> = match &process["command"] {
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p.as_str().map(String::from))
+                .collect(),
+            Value::String(s) => vec![s.clone()],
+            _ => Vec::new(),
+        };
+        let args: Vec<String> = process["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str().map(String::from))
+            .collect();
+        let mark = if Some(kind) == default {
+            " (default)"
+        } else {
+            ""
+        };
+        text += &format!("  {kind}{mark}: {} {}\n", command.join(" "), args.join(" "));
+    }
+    text
+}
+
+/// Where the cache directory is bound in the sandbox.
+const CACHE_INSIDE: &str = "/cache";
+
+/// `--cache-dir`, created when missing.
+fn prepare_cache_dir(request: &BuildRequest) -> Result<Option<PathBuf>, BuildError> {
+    let Some(dir) = &request.cache_dir else {
+        return Ok(None);
+    };
+    std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::canonicalize(dir))
+        .map(Some)
+        .map_err(|e| BuildError::Usage(format!("--cache-dir {}: {e}", dir.display())))
+}
+
+fn check_arguments(request: &BuildRequest) -> Result<(), BuildError> {
+    if !request.app.is_dir() {
+        return Err(BuildError::Usage(format!(
+            "{}: the app must be a directory",
+            request.app.display()
+        )));
+    }
+    match (&request.builder, &request.build_image) {
+        (Some(_), Some(_)) => {
+            return Err(BuildError::Usage(
+                "give either --builder or --build-image, not both".into(),
+            ));
+        }
+        (None, Some(_)) if request.run_image.is_none() => {
+            return Err(BuildError::Usage(
+                "--build-image needs --run-image (a builder names its run image; a build image \
+                 does not)"
+                    .into(),
+            ));
+        }
+        (None, Some(_))
+            if request.buildpacks.is_empty()
+                && request.descriptor.is_none()
+                && project::find(&request.app).is_none() =>
+        {
+            return Err(BuildError::Usage(
+                "--build-image needs at least one --buildpack (or a project.toml group)".into(),
+            ));
+        }
+        _ => {}
+    }
+    for (name, _) in &request.bindings {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(BuildError::Usage(format!(
+                "--binding {name:?}: a binding's name is one path segment"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `auto`: user namespaces where they work; otherwise, inside a builder image with no other
+/// builder asked for, `none`; otherwise an error naming what stops user namespaces.
+fn choose_sandbox(request: &BuildRequest) -> Result<SandboxMode, BuildError> {
+    let other_image = request.builder.is_some() || request.build_image.is_some();
+    match request.sandbox {
+        SandboxMode::Userns => {
+            if !other_image {
+                return Err(BuildError::Usage(
+                    "a build needs --builder or --build-image (or --sandbox none inside a \
+                     builder image)"
+                        .into(),
+                ));
+            }
+            Ok(SandboxMode::Userns)
+        }
+        SandboxMode::None => {
+            if other_image {
+                return Err(BuildError::Usage(
+                    "--sandbox none builds with the builder image lathe runs in; drop \
+                     --builder/--build-image, or use --sandbox userns"
+                        .into(),
+                ));
+            }
+            Ok(SandboxMode::None)
+        }
+        SandboxMode::Auto => {
+            if !other_image {
+                if Path::new("/cnb/order.toml").is_file() || !request.buildpacks.is_empty() {
+                    return Ok(SandboxMode::None);
+                }
+                return Err(BuildError::Usage(
+                    "a build needs --builder or --build-image (or lathe running inside a \
+                     builder image, with /cnb/order.toml)"
+                        .into(),
+                ));
+            }
+            if sandbox::user_namespaces_work() {
+                return Ok(SandboxMode::Userns);
+            }
+            Err(RunError::Sandbox(sandbox::SandboxError::NoUserNamespace {
+                why: "unshare(CLONE_NEWUSER) was refused".into(),
+                diagnosis: sandbox::diagnose_user_namespaces(),
+            })
+            .into())
+        }
+    }
+}
+
+fn read_project(request: &BuildRequest) -> Result<Option<Project>, BuildError> {
+    let path = match &request.descriptor {
+        Some(path) => Some(path.clone()),
+        None => project::find(&request.app),
+    };
+    path.map(|path| project::read(&path).map_err(|e| BuildError::Invalid(e.to_string())))
+        .transpose()
+}
+
+fn read_build_image(
+    source: &dyn ImageSource,
+    wanted: &Platform,
+    store: &Store,
+    progress: &dyn ByteProgress,
+) -> Result<BuildImage, BuildError> {
+    let what = source.describe();
+    let resolved = image::resolve_selection(
+        source,
+        &Selection {
+            platforms: vec![wanted.clone()],
+            single_image: true,
+        },
+    )?;
+    let manifest_bytes = source.read_blob(&resolved.root)?;
+    let manifest = image::parse_manifest(&manifest_bytes, &resolved.root, &what)?;
+    let config_bytes = source.read_blob(manifest.config())?;
+    let config: Value = serde_json::from_slice(&config_bytes)
+        .map_err(|e| BuildError::Invalid(format!("{what}: config: {e}")))?;
+    let platform = image::config_platform(&config_bytes).unwrap_or_else(|| wanted.clone());
+    let env_id = |name: &str| -> Result<u32, BuildError> {
+        image_env(&config)
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .ok_or_else(|| {
+                BuildError::Invalid(format!(
+                    "{what}: not a build image: its Env has no numeric {name} (a CNB build \
+                     image names its build user in CNB_USER_ID and CNB_GROUP_ID)"
+                ))
+            })
+    };
+    let (uid, gid) = (env_id("CNB_USER_ID")?, env_id("CNB_GROUP_ID")?);
+    let (rootfs, _) = store.rootfs(source, &resolved.root, &platform.to_string(), progress)?;
+    Ok(BuildImage {
+        platform,
+        config,
+        rootfs,
+        uid,
+        gid,
+    })
+}
+
+fn image_env(config: &Value) -> Vec<(String, String)> {
+    config["config"]["Env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str()?.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The lifecycle's environment: the build image's Env, with HOME (the build user's, from the
+/// image's /etc/passwd) and HOSTNAME when it has none.
+fn lifecycle_env(build_image: &BuildImage) -> Vec<(String, String)> {
+    let mut env = image_env(&build_image.config);
+    if !env.iter().any(|(k, _)| k == "HOME") {
+        let passwd =
+            std::fs::read_to_string(build_image.rootfs.join("etc/passwd")).unwrap_or_default();
+        let home = passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 5 && f[2] == build_image.uid.to_string())
+            .map_or("/".to_string(), |f| f[5].to_string());
+        env.push(("HOME".into(), home));
+    }
+    if !env.iter().any(|(k, _)| k == "HOSTNAME") {
+        env.push(("HOSTNAME".into(), "lathe".into()));
+    }
+    env
+}
+
+/// `--run-image`, else the builder's /cnb/run.toml (or the older /cnb/stack.toml).
+fn run_image_ref(request: &BuildRequest, rootfs: &Path) -> Result<ImageRef, BuildError> {
+    if let Some(run_image) = &request.run_image {
+        return Ok(run_image.clone());
+    }
+    let read = |name: &str| -> Option<toml::Table> {
+        let text = std::fs::read_to_string(rootfs.join("cnb").join(name)).ok()?;
+        text.parse().ok()
+    };
+    let named = read("run.toml")
+        .and_then(|t| {
+            t.get("images")?
+                .as_array()?
+                .first()?
+                .get("image")?
+                .as_str()
+                .map(String::from)
+        })
+        .or_else(|| {
+            read("stack.toml")
+                .and_then(|t| t.get("run-image")?.get("image")?.as_str().map(String::from))
+        });
+    let named = named.ok_or_else(|| {
+        BuildError::Invalid(
+            "the builder names no run image (/cnb/run.toml and /cnb/stack.toml are missing or \
+             empty); give --run-image"
+                .into(),
+        )
+    })?;
+    named
+        .parse::<ImageRef>()
+        .map_err(|e| BuildError::Invalid(format!("the builder's run image {named:?}: {e}")))
+}
+
+/// The run image's target for `platform`: os/arch/variant from its config, distro and id
+/// from its `io.buildpacks.base.*` labels.
+fn read_target(run_ref: &ImageRef, platform: &Platform) -> Result<TargetData, BuildError> {
+    let source = image::open_source(run_ref)?;
+    let what = source.describe();
+    let resolved = image::resolve_selection(
+        source.as_ref(),
+        &Selection {
+            platforms: vec![platform.clone()],
+            single_image: true,
+        },
+    )?;
+    let manifest_bytes = source.read_blob(&resolved.root)?;
+    let manifest = image::parse_manifest(&manifest_bytes, &resolved.root, &what)?;
+    let config_bytes = source.read_blob(manifest.config())?;
+    let config: Value = serde_json::from_slice(&config_bytes)
+        .map_err(|e| BuildError::Invalid(format!("run image {what}: config: {e}")))?;
+    let run_platform = image::config_platform(&config_bytes).unwrap_or_else(|| platform.clone());
+    if run_platform.os != platform.os || run_platform.arch != platform.arch {
+        return Err(BuildError::Invalid(format!(
+            "run image {what} is {run_platform}, the build image {platform}"
+        )));
+    }
+    let label = |name: &str| {
+        config["config"]["Labels"][name]
+            .as_str()
+            .filter(|v| !v.is_empty())
+            .map(String::from)
+    };
+    let distro = match (
+        label("io.buildpacks.base.distro.name"),
+        label("io.buildpacks.base.distro.version"),
+    ) {
+        (None, None) => None,
+        (name, version) => Some(Distro {
+            name: name.unwrap_or_default(),
+            version: version.unwrap_or_default(),
+        }),
+    };
+    Ok(TargetData {
+        os: run_platform.os,
+        arch: run_platform.arch,
+        variant: run_platform.variant,
+        distro,
+        id: label("io.buildpacks.base.id"),
+    })
+}
+
+fn copy_app(
+    request: &BuildRequest,
+    project: Option<&Project>,
+    workspace: &Path,
+) -> Result<(), BuildError> {
+    project::copy_app(&request.app, workspace, project)
+        .map(|_| ())
+        .map_err(|e| BuildError::Invalid(format!("copying the app: {e}")))
+}
+
+/// Fills the platform directory: the `--platform-dir` contents, then `env/` files from
+/// project.toml and `--env` (later wins); returns the binds of the service bindings.
+fn prepare_platform_dir(
+    request: &BuildRequest,
+    project: Option<&Project>,
+    dir: &Path,
+) -> Result<Vec<Bind>, BuildError> {
+    if let Some(seed) = &request.platform_dir {
+        if !seed.is_dir() {
+            return Err(BuildError::Usage(format!(
+                "--platform-dir {}: not a directory",
+                seed.display()
+            )));
+        }
+        copy_tree_contents(seed, dir)?;
+    }
+    let env_dir = dir.join("env");
+    let env = project
+        .map(|p| p.env.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(request.env.iter().cloned());
+    for (name, value) in env {
+        if name.is_empty() || name.contains('/') || name.contains('.') || name.contains('=') {
+            return Err(BuildError::Usage(format!(
+                "--env {name:?}: not a usable variable name"
+            )));
+        }
+        std::fs::create_dir_all(&env_dir).map_err(io(&env_dir))?;
+        let file = env_dir.join(&name);
+        std::fs::write(&file, value).map_err(io(&file))?;
+    }
+    let mut binds = Vec::new();
+    for (name, source) in &request.bindings {
+        let source = std::fs::canonicalize(source).map_err(|e| {
+            BuildError::Usage(format!("--binding {name}={}: {e}", source.display()))
+        })?;
+        let mount_point = dir.join("bindings").join(name);
+        std::fs::create_dir_all(&mount_point).map_err(io(&mount_point))?;
+        binds.push(bind(&source, &format!("/platform/bindings/{name}"), true));
+    }
+    make_readable(dir)?;
+    Ok(binds)
+}
+
+/// Binds `--buildpack` directories into /cnb/buildpacks and, when the buildpacks are given
+/// (on the command line or in project.toml), writes `<layers>/order.toml` with one group of
+/// them; returns the binds and whether it wrote the order.
+fn prepare_buildpacks(
+    request: &BuildRequest,
+    project: Option<&Project>,
+    layers: &Path,
+) -> Result<(Vec<Bind>, bool), BuildError> {
+    let mut args = request.buildpacks.clone();
+    if args.is_empty()
+        && let Some(project) = project
+    {
+        for reference in &project.buildpacks {
+            let arg = match (&reference.uri, &reference.id) {
+                (Some(uri), _) => {
+                    let path = uri.strip_prefix("file://").unwrap_or(uri);
+                    let path = if Path::new(path).is_absolute() {
+                        PathBuf::from(path)
+                    } else {
+                        request.app.join(path)
+                    };
+                    BuildpackArg::parse(&path.to_string_lossy()).map_err(|why| {
+                        BuildError::Invalid(format!("project.toml buildpack {uri}: {why}"))
+                    })?
+                }
+                (None, Some(id)) => BuildpackArg::Id {
+                    id: id.clone(),
+                    version: reference.version.clone().unwrap_or_default(),
+                },
+                (None, None) => {
+                    return Err(BuildError::Invalid(
+                        "project.toml: a buildpack entry has neither id nor uri".into(),
+                    ));
+                }
+            };
+            args.push(arg);
+        }
+    }
+    if args.is_empty() {
+        return Ok((Vec::new(), false));
+    }
+    let mut binds = Vec::new();
+    let mut group = Vec::new();
+    for arg in args {
+        match arg {
+            BuildpackArg::Dir(dir) => {
+                let buildpack = descriptor::read(&dir)?;
+                binds.push(bind(
+                    &dir,
+                    &format!(
+                        "/cnb/buildpacks/{}/{}",
+                        escape_id(&buildpack.id),
+                        buildpack.version
+                    ),
+                    true,
+                ));
+                group.push(OrderEntry {
+                    id: buildpack.id,
+                    version: buildpack.version,
+                    optional: false,
+                });
+            }
+            BuildpackArg::Id { id, version } => group.push(OrderEntry {
+                id,
+                version,
+                optional: false,
+            }),
+        }
+    }
+    #[derive(serde::Serialize)]
+    struct OrderFile {
+        order: Vec<OrderGroup>,
+    }
+    #[derive(serde::Serialize)]
+    struct OrderGroup {
+        group: Vec<OrderEntry>,
+    }
+    let text = toml::to_string(&OrderFile {
+        order: vec![OrderGroup { group }],
+    })
+    .expect("orders serialize");
+    let path = layers.join("order.toml");
+    std::fs::write(&path, text).map_err(io(&path))?;
+    Ok((binds, true))
+}
+
+/// Reads group.toml, the layers' types and config/metadata.toml from the layers directory.
+fn read_outcome(layers: &Path, notes: Vec<String>) -> Result<BuildOutcome, BuildError> {
+    let read = |path: &Path| -> Result<String, BuildError> {
+        std::fs::read_to_string(path)
+            .map_err(|e| BuildError::Invalid(format!("{}: {e}", path.display())))
+    };
+    let bad =
+        |path: &Path, e: toml::de::Error| BuildError::Invalid(format!("{}: {e}", path.display()));
+    let group_path = layers.join("group.toml");
+    let group: GroupFile = toml::from_str(&read(&group_path)?).map_err(|e| bad(&group_path, e))?;
+    let metadata_path = layers.join("config/metadata.toml");
+    let metadata: toml::Value =
+        toml::from_str(&read(&metadata_path)?).map_err(|e| bad(&metadata_path, e))?;
+    let mut summaries = Vec::new();
+    for member in &group.group {
+        let dir = layers.join(escape_id(&member.id));
+        let mut tomls: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default();
+        tomls.sort();
+        for path in tomls {
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".toml"))
+            else {
+                continue;
+            };
+            if ["launch", "build", "store"].contains(&name) || !dir.join(name).is_dir() {
+                continue;
+            }
+            let table: toml::Table = toml::from_str(&read(&path)?).map_err(|e| bad(&path, e))?;
+            let types = table.get("types");
+            let flag = |key: &str| {
+                types
+                    .and_then(|t| t.get(key))
+                    .and_then(toml::Value::as_bool)
+                    .unwrap_or(false)
+            };
+            summaries.push(LayerSummary {
+                buildpack: member.id.clone(),
+                name: name.to_string(),
+                launch: flag("launch"),
+                build: flag("build"),
+                cache: flag("cache"),
+            });
+        }
+    }
+    Ok(BuildOutcome {
+        group: group.group,
+        layers: summaries,
+        metadata: serde_json::to_value(metadata).unwrap_or_default(),
+        notes,
+    })
+}
+
+/// `--sandbox none`: lathe runs inside the builder image; the lifecycle runs in this process,
+/// on the image's own /workspace and /layers.
+fn build_in_this_container(
+    request: &BuildRequest,
+    project: Option<&Project>,
+) -> Result<BuildOutcome, BuildError> {
+    let workspace = Path::new("/workspace");
+    let layers = Path::new("/layers");
+    for dir in [workspace, layers] {
+        let writable = nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok();
+        if !dir.is_dir() || !writable {
+            return Err(BuildError::Invalid(format!(
+                "--sandbox none builds in this container's {}, which is not a writable \
+                 directory here (is lathe running inside a builder image?)",
+                dir.display()
+            )));
+        }
+        let empty = std::fs::read_dir(dir).map_err(io(dir))?.next().is_none();
+        if !empty {
+            return Err(BuildError::Invalid(format!(
+                "--sandbox none: {} is not empty; a build starts from an empty one",
+                dir.display()
+            )));
+        }
+    }
+    copy_app(request, project, workspace)?;
+    let scratch = tempfile::tempdir().map_err(|e| BuildError::Invalid(format!("tmp: {e}")))?;
+    let platform_dir = make_dir(scratch.path(), "platform")?;
+    let bindings = prepare_platform_dir(request, project, &platform_dir)?;
+    for bind in bindings {
+        let link = platform_dir.join(bind.target.trim_start_matches("/platform/"));
+        std::fs::remove_dir(&link).map_err(io(&link))?;
+        std::os::unix::fs::symlink(&bind.source, &link).map_err(io(&link))?;
+    }
+    // Buildpack directories join the image's own buildpacks through a directory of links.
+    let (buildpack_binds, order_written) = prepare_buildpacks(request, project, layers)?;
+    let mut paths = Paths {
+        platform: platform_dir.clone(),
+        order: if order_written {
+            layers.join("order.toml")
+        } else {
+            "/cnb/order.toml".into()
+        },
+        ..Paths::default()
+    };
+    if !buildpack_binds.is_empty() {
+        let links = make_dir(scratch.path(), "buildpacks")?;
+        if let Ok(entries) = std::fs::read_dir("/cnb/buildpacks") {
+            for entry in entries.flatten() {
+                let link = links.join(entry.file_name());
+                std::os::unix::fs::symlink(entry.path(), &link).map_err(io(&link))?;
+            }
+        }
+        for bind in &buildpack_binds {
+            let relative = bind.target.trim_start_matches("/cnb/buildpacks/");
+            let link = links.join(relative);
+            let parent = link.parent().expect("id/version");
+            if parent.is_symlink() {
+                return Err(BuildError::Invalid(format!(
+                    "buildpack {relative} is also in /cnb/buildpacks; give it by id instead"
+                )));
+            }
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+            std::os::unix::fs::symlink(&bind.source, &link).map_err(io(&link))?;
+        }
+        paths.buildpacks = links;
+    }
+    let wanted = request.platform.clone().unwrap_or_else(Platform::host);
+    let target = match &request.run_image {
+        Some(run_ref) => read_target(run_ref, &wanted)?,
+        None => read_target(&run_image_ref(request, Path::new("/"))?, &wanted)?,
+    };
+    let phase = PhaseRequest {
+        paths,
+        target,
+        exec_env: "production".into(),
+        lifecycle_env: std::env::vars().collect(),
+        detect_timeout: request.detect_timeout,
+        os_release: "/etc/os-release".into(),
+        cache: prepare_cache_dir(request)?,
+        clear_cache: request.clear_cache,
+    };
+    lifecycle::phase::run(&phase)?;
+    read_outcome(
+        layers,
+        vec!["ran in this container (--sandbox none)".to_string()],
+    )
+}
+
+fn bind(source: &Path, target: &str, read_only: bool) -> Bind {
+    Bind {
+        source: source.to_path_buf(),
+        target: target.to_string(),
+        read_only,
+    }
+}
+
+fn make_dir(parent: &Path, name: &str) -> Result<PathBuf, BuildError> {
+    let path = parent.join(name);
+    std::fs::create_dir(&path).map_err(io(&path))?;
+    Ok(path)
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> BuildError + '_ {
+    move |e| BuildError::Invalid(format!("{}: {e}", path.display()))
+}
+
+/// Gives `uid:gid` everything under `dir` (root only: the build user must own its work area).
+fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), BuildError> {
+    for entry in walkdir::WalkDir::new(dir) {
+        let entry = entry.map_err(|e| BuildError::Invalid(format!("{}: {e}", dir.display())))?;
+        std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid)).map_err(io(entry.path()))?;
+    }
+    Ok(())
+}
+
+/// Directories 0755 and files at least 0644, so the build user can read what root wrote.
+fn make_readable(dir: &Path) -> Result<(), BuildError> {
+    for entry in walkdir::WalkDir::new(dir) {
+        let entry = entry.map_err(|e| BuildError::Invalid(format!("{}: {e}", dir.display())))?;
+        if entry.path_is_symlink() {
+            continue;
+        }
+        let meta = entry
+            .metadata()
+            .map_err(|e| BuildError::Invalid(e.to_string()))?;
+        let mode = meta.permissions().mode();
+        let wanted = if meta.is_dir() {
+            mode | 0o755
+        } else {
+            mode | 0o644
+        };
+        if wanted != mode {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(wanted))
+                .map_err(io(entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
+fn copy_tree_contents(from: &Path, to: &Path) -> Result<(), BuildError> {
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .output()
+        .map_err(|e| BuildError::Invalid(format!("cp: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(BuildError::Invalid(format!(
+            "copying {}: {}",
+            from.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buildpack_arguments_are_directories_or_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            BuildpackArg::parse(&dir.path().to_string_lossy()).unwrap(),
+            BuildpackArg::Dir(std::fs::canonicalize(dir.path()).unwrap())
+        );
+        assert_eq!(
+            BuildpackArg::parse("paketo-buildpacks/node@1.2.3").unwrap(),
+            BuildpackArg::Id {
+                id: "paketo-buildpacks/node".into(),
+                version: "1.2.3".into()
+            }
+        );
+        assert_eq!(
+            BuildpackArg::parse("x").unwrap(),
+            BuildpackArg::Id {
+                id: "x".into(),
+                version: String::new()
+            }
+        );
+        let err = BuildpackArg::parse("docker://example/bp").unwrap_err();
+        assert!(err.contains("not yet supported"), "{err}");
+        assert!(BuildpackArg::parse("/no/such/dir").is_err());
+    }
+}
