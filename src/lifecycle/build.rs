@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -257,6 +258,11 @@ fn run_bin_build(
     if !program.is_file() {
         return Err(fail(format!("{} does not exist", program.display())));
     }
+    // The build's output is progress, which goes to stderr: stdout is lathe's for results.
+    let progress = std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| fail(format!("stderr: {e}")))?;
     let mut command = Command::new(&program);
     command
         .args([bp_layers, platform, plan_path])
@@ -264,6 +270,7 @@ fn run_bin_build(
         .env_clear()
         .envs(env.pairs())
         .stdin(Stdio::null())
+        .stdout(Stdio::from(progress))
         .process_group(0);
     let mut child =
         spawn(&mut command).map_err(|e| fail(format!("running {}: {e}", program.display())))?;
