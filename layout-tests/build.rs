@@ -634,3 +634,26 @@ fn a_cache_layer_is_reused_by_the_next_build() {
     kept.sort();
     assert_eq!(kept, ["deps", "deps.sbom.spdx.json", "deps.toml"]);
 }
+
+#[test]
+fn an_arm64_build_runs_its_buildpacks_under_emulation() {
+    let world = World::new();
+    let bp = world.buildpack(
+        "arch",
+        "api = \"0.10\"\n[buildpack]\nid = \"lathe-test/arch\"\nversion = \"1.0.0\"\n",
+        "exit 0",
+        "echo \"machine=$(uname -m) target=$CNB_TARGET_ARCH distro=$CNB_TARGET_DISTRO_NAME\"",
+    );
+    for (platform, expected) in [
+        ("linux/arm64", "machine=aarch64 target=arm64 distro=debian"),
+        ("linux/amd64", "machine=x86_64 target=amd64 distro=debian"),
+    ] {
+        let out = world.build(
+            Who::Unprivileged,
+            "site",
+            &["--buildpack", &bp, "--platform", platform],
+        );
+        outcome(&out);
+        assert!(stderr_of(&out).contains(expected), "{}", report(&out));
+    }
+}
