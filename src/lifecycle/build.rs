@@ -26,9 +26,7 @@ use super::descriptor::Buildpack;
 use super::env::{Action, Env};
 use super::launch::{self, LayerTypes, Process};
 use super::order;
-use super::{
-    ApiVersion, GroupMember, LifecycleError, Paths, PlanFile, Require, TargetData, escape_id,
-};
+use super::{ApiVersion, LifecycleError, Paths, PlanFile, Require, TargetData, escape_id};
 
 pub use super::launch::BuildMetadata;
 
@@ -115,16 +113,7 @@ pub fn build(req: &BuildRequest) -> Result<BuildMetadata, LifecycleError> {
     }
     let metadata = BuildMetadata {
         buildpack_default_process_type: processes.default_type,
-        buildpacks: req
-            .group
-            .iter()
-            .map(|bp| GroupMember {
-                id: bp.id.clone(),
-                version: bp.version.clone(),
-                api: bp.api.to_string(),
-                homepage: bp.homepage.clone(),
-            })
-            .collect(),
+        buildpacks: req.group.iter().map(Buildpack::group_member).collect(),
         labels,
         processes: processes.by_type.into_values().collect(),
         slices,

@@ -34,6 +34,16 @@ impl Buildpack {
         !self.order.is_empty()
     }
 
+    /// Its entry in group.toml and metadata.toml.
+    pub fn group_member(&self) -> super::GroupMember {
+        super::GroupMember {
+            id: self.id.clone(),
+            version: self.version.clone(),
+            api: self.api.to_string(),
+            homepage: self.homepage.clone(),
+        }
+    }
+
     /// `id@version`, as errors name it.
     pub fn name_version(&self) -> String {
         format!("{}@{}", self.id, self.version)

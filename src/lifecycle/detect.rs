@@ -23,8 +23,8 @@ use super::descriptor::{self, Buildpack, OrderEntry};
 use super::env::{Action, Env};
 use super::order::{self, GroupEntry, Order};
 use super::{
-    ApiVersion, GroupFile, GroupMember, LifecycleError, Paths, PlanEntry, PlanFile, Provider,
-    Require, TargetData,
+    ApiVersion, GroupFile, LifecycleError, Paths, PlanEntry, PlanFile, Provider, Require,
+    TargetData,
 };
 
 /// The execution environment when the platform names none.
@@ -103,16 +103,7 @@ pub fn detect(req: &DetectRequest) -> Result<Detected, LifecycleError> {
 /// Writes `<layers>/group.toml` and `<layers>/plan.toml`, each replaced whole.
 pub fn write_results(layers: &Path, detected: &Detected) -> Result<(), LifecycleError> {
     let group = GroupFile {
-        group: detected
-            .group
-            .iter()
-            .map(|bp| GroupMember {
-                id: bp.id.clone(),
-                version: bp.version.clone(),
-                api: bp.api.to_string(),
-                homepage: bp.homepage.clone(),
-            })
-            .collect(),
+        group: detected.group.iter().map(Buildpack::group_member).collect(),
     };
     replace_file(&layers.join("group.toml"), &encode(&group, "group.toml")?)?;
     replace_file(
