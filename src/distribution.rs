@@ -699,12 +699,34 @@ impl Assembly {
         Ok(root)
     }
 
+    /// Writes the image to `output` and reports it. The platforms are those the destination
+    /// got: every child of an index, or the one image a docker-archive takes from it.
     fn write_to(
         &self,
         output: &ImageRef,
+        children: &[(Platform, Descriptor)],
+        buildpacks: Vec<String>,
+        mut notes: Vec<String>,
         progress: &Progress,
-    ) -> Result<image::CopyReport, DistributionError> {
-        Ok(image::copy_from_source(self, output, &[], progress)?)
+    ) -> Result<DistributionReport, DistributionError> {
+        let report = image::copy_from_source(self, output, &[], progress)?;
+        notes.extend(report.note);
+        let platforms = if report.platforms.is_empty() {
+            children
+                .iter()
+                .filter(|(_, desc)| desc.digest().to_string() == report.digest)
+                .map(|(platform, _)| platform.to_string())
+                .collect()
+        } else {
+            report.platforms
+        };
+        Ok(DistributionReport {
+            digest: report.digest,
+            media_type: report.media_type,
+            platforms,
+            buildpacks,
+            notes,
+        })
     }
 }
 
@@ -1411,14 +1433,7 @@ pub fn package_buildpack(
         names = modules.names();
     }
     assembly.set_root(&children)?;
-    let report = assembly.write_to(&request.output, progress)?;
-    Ok(DistributionReport {
-        digest: report.digest,
-        media_type: report.media_type,
-        platforms: platforms.iter().map(Platform::to_string).collect(),
-        buildpacks: names,
-        notes,
-    })
+    assembly.write_to(&request.output, &children, names, notes, progress)
 }
 
 /// pack's rule: every dependency must be used by the main buildpack or another one packaged.
@@ -1969,14 +1984,7 @@ pub fn create_builder(
         names = modules.names();
     }
     assembly.set_root(&children)?;
-    let report = assembly.write_to(&request.output, progress)?;
-    Ok(DistributionReport {
-        digest: report.digest,
-        media_type: report.media_type,
-        platforms: platforms.iter().map(Platform::to_string).collect(),
-        buildpacks: names,
-        notes,
-    })
+    assembly.write_to(&request.output, &children, names, notes, progress)
 }
 
 /// The platform of the build image: its own, or the host's when it is an index.
