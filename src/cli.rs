@@ -143,8 +143,82 @@ pub enum Command {
     /// List or prune the store of unpacked root filesystems
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Package buildpacks as buildpackage images
+    #[command(subcommand)]
+    Buildpack(BuildpackCommand),
+    /// Create builder images
+    #[command(subcommand)]
+    Builder(BuilderCommand),
     /// Print a shell completion script
     Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BuildpackCommand {
+    /// Package a buildpack directory (and its package.toml dependencies) as a buildpackage
+    /// image; oci-archive:FILE writes the .cnb format
+    #[command(
+        long_about = "Package a buildpack directory as a buildpackage image: one layer per \
+                      buildpack at /cnb/buildpacks/<id>/<version>, with the \
+                      io.buildpacks.buildpackage.metadata and io.buildpacks.buildpack.layers \
+                      labels. A composite buildpack (with [[order]]) is packaged with the \
+                      [[dependencies]] of --config package.toml (uri = a directory, a .cnb file \
+                      or an image), whose layers are reused. Several platforms give one image \
+                      each and an index; <DIR>/<os>/<arch>[/<variant>] folders, when present, \
+                      are packaged for their platform. The same input always gives the same \
+                      digests."
+    )]
+    Package(PackageArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BuilderCommand {
+    /// Create a builder image from a pack-style builder.toml
+    #[command(
+        long_about = "Create a builder image from a pack-style builder.toml: the build image \
+                      ([build] image) with a layer per buildpack ([[buildpacks]] uri = a \
+                      directory, a .cnb file or an image) and a layer with /cnb/order.toml, \
+                      /cnb/run.toml, /cnb/stack.toml, /cnb/build-config/env, /workspace, /layers \
+                      and /platform. Several platforms (--platform or [[targets]]) give one \
+                      image each and an index. The builder carries no launcher yet."
+    )]
+    Create(BuilderCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PackageArgs {
+    /// The buildpack directory (holding buildpack.toml)
+    pub dir: PathBuf,
+    /// Where to write the buildpackage (any transport; oci-archive:FILE is a .cnb file)
+    #[arg(long, value_name = "DEST", value_parser = parse_ref)]
+    pub output: ImageRef,
+    /// package.toml: [[dependencies]] uri, [[targets]], [platform] os
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Package for these platforms (os/arch[/variant]; repeatable or comma-separated)
+    /// [default: the [[targets]] of package.toml or buildpack.toml, else the host's arch]
+    #[arg(long, value_name = "PLATFORM", value_delimiter = ',', value_parser = parse_platform)]
+    pub platform: Vec<Platform>,
+    /// Print the result (digest, platforms, buildpacks) as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BuilderCreateArgs {
+    /// builder.toml (relative buildpack uris are relative to its directory)
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Where to write the builder (any transport)
+    #[arg(long, value_name = "DEST", value_parser = parse_ref)]
+    pub output: ImageRef,
+    /// Create the builder for these platforms (os/arch[/variant]; repeatable or
+    /// comma-separated) [default: builder.toml's [[targets]], else the build image's platform]
+    #[arg(long, value_name = "PLATFORM", value_delimiter = ',', value_parser = parse_platform)]
+    pub platform: Vec<Platform>,
+    /// Print the result (digest, platforms, buildpacks) as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -529,11 +603,68 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
             }
         }
+        Command::Buildpack(BuildpackCommand::Package(args)) => {
+            let request = crate::distribution::PackageRequest {
+                buildpack_dir: args.dir,
+                config: args.config,
+                platforms: args.platform,
+                output: args.output.clone(),
+            };
+            let progress = Progress::for_stderr(cli.global.quiet);
+            let report = crate::distribution::package_buildpack(&request, &progress)?;
+            print_distribution_report(&report, args.json, cli.global.quiet, |r| {
+                format!(
+                    "Packaged {} for {} into {}: {}",
+                    r.buildpacks.join(", "),
+                    r.platforms.join(", "),
+                    args.output,
+                    r.digest
+                )
+            })?;
+        }
+        Command::Builder(BuilderCommand::Create(args)) => {
+            let request = crate::distribution::BuilderRequest {
+                config: args.config,
+                platforms: args.platform,
+                output: args.output.clone(),
+            };
+            let progress = Progress::for_stderr(cli.global.quiet);
+            let report = crate::distribution::create_builder(&request, &progress)?;
+            print_distribution_report(&report, args.json, cli.global.quiet, |r| {
+                format!(
+                    "Created a builder for {} with {} into {}: {}",
+                    r.platforms.join(", "),
+                    r.buildpacks.join(", "),
+                    args.output,
+                    r.digest
+                )
+            })?;
+        }
         Command::Completions(args) => {
             clap_complete::generate(args.shell, &mut command(), "lathe", &mut std::io::stdout());
         }
     }
     Ok(0)
+}
+
+/// Notes on stderr (unless quiet), then the JSON report on stdout or `summary` on stderr.
+fn print_distribution_report(
+    report: &crate::distribution::DistributionReport,
+    json: bool,
+    quiet: bool,
+    summary: impl Fn(&crate::distribution::DistributionReport) -> String,
+) -> anyhow::Result<()> {
+    if !quiet {
+        for note in &report.notes {
+            eprintln!("note: {note}");
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else if !quiet {
+        eprintln!("{}", summary(report));
+    }
+    Ok(())
 }
 
 /// Set by SIGINT/SIGTERM while a sandbox runs; the sandbox is then killed.
@@ -654,7 +785,7 @@ fn run_command(args: RunArgs, quiet: bool) -> anyhow::Result<i32> {
     Ok(outcome.exit_code)
 }
 
-/// Writes a man page for lathe and for each subcommand into `dir`.
+/// Writes a man page for lathe, each subcommand and each nested subcommand into `dir`.
 pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let cmd = command();
     let mut written = Vec::new();
@@ -668,7 +799,11 @@ pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     };
     render(cmd.clone(), "lathe".into())?;
     for sub in cmd.get_subcommands() {
-        render(sub.clone(), format!("lathe-{}", sub.get_name()))?;
+        let name = format!("lathe-{}", sub.get_name());
+        render(sub.clone(), name.clone())?;
+        for nested in sub.get_subcommands() {
+            render(nested.clone(), format!("{name}-{}", nested.get_name()))?;
+        }
     }
     Ok(written)
 }

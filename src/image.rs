@@ -513,14 +513,25 @@ pub fn copy_with_progress(
     progress: &Progress,
 ) -> Result<CopyReport, ImageError> {
     let source = open_source(src)?;
+    copy_from_source(source.as_ref(), dst, platforms, progress)
+}
+
+/// Copies the image an already open `source` serves (a transport, or an image lathe has just
+/// assembled) to `dst`, as [`copy_with_progress`] does.
+pub fn copy_from_source(
+    source: &dyn ImageSource,
+    dst: &ImageRef,
+    platforms: &[Platform],
+    progress: &Progress,
+) -> Result<CopyReport, ImageError> {
     let selection = Selection {
         platforms: platforms.to_vec(),
         single_image: matches!(dst, ImageRef::DockerArchive { .. }),
     };
-    let resolved = resolve_selection(source.as_ref(), &selection)?;
-    let plan = Plan::of(source.as_ref(), &resolved)?;
+    let resolved = resolve_selection(source, &selection)?;
+    let plan = Plan::of(source, &resolved)?;
     let mut sink = open_sink(dst)?;
-    let mut transferred = sink.put_blobs(source.as_ref(), &plan.blobs, progress)?;
+    let mut transferred = sink.put_blobs(source, &plan.blobs, progress)?;
     for (desc, bytes) in &plan.manifests {
         if sink.put_manifest(desc, bytes)? {
             transferred.add(desc);

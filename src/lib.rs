@@ -8,6 +8,7 @@ pub mod archive;
 pub mod build;
 pub mod cli;
 pub mod content;
+pub mod distribution;
 pub mod idmap;
 pub mod image;
 pub mod inspect;
