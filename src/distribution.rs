@@ -584,7 +584,11 @@ impl Assembly {
             entry: LayerEntry {
                 api: buildpack.api.to_string(),
                 stacks: Vec::new(),
-                targets: buildpack.targets.iter().map(target_entry).collect(),
+                targets: buildpack
+                    .declared_targets
+                    .iter()
+                    .map(target_entry)
+                    .collect(),
                 order: buildpack
                     .order
                     .iter()
@@ -1261,7 +1265,7 @@ fn push_unique(platforms: &mut Vec<Platform>, platform: Platform) {
 /// The platforms a buildpack's own `[[targets]]` name (those with both os and arch).
 fn descriptor_platforms(buildpack: &Buildpack) -> Vec<Platform> {
     let mut platforms = Vec::new();
-    for target in &buildpack.targets {
+    for target in &buildpack.declared_targets {
         if let (Some(os), Some(arch)) = (&target.os, &target.arch) {
             push_unique(
                 &mut platforms,
@@ -2080,7 +2084,7 @@ mod tests {
             tmp.path(),
             "api = \"0.10\"\n[buildpack]\nid = \"a\"\nversion = \"1\"\n",
         );
-        bp.targets = vec![
+        bp.declared_targets = vec![
             Target {
                 os: Some("linux".into()),
                 arch: Some("amd64".into()),
@@ -2110,7 +2114,7 @@ mod tests {
             .map(Platform::to_string)
             .collect();
         assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
-        let entry = target_entry(&bp.targets[1]);
+        let entry = target_entry(&bp.declared_targets[1]);
         assert_eq!(
             label_json(&entry),
             r#"{"arch":"arm64","distros":[{"name":"ubuntu","version":"24.04"}],"os":"linux","variant":"v8"}"#

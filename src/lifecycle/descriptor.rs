@@ -23,8 +23,10 @@ pub struct Buildpack {
     pub sbom_formats: Vec<String>,
     /// Buildpack API 0.12 execution environments (empty: all).
     pub exec_env: Vec<String>,
-    /// After the lifecycle's inference (stacks, `bin/build`).
+    /// After the lifecycle's inference (stacks, `bin/build`): what detection matches.
     pub targets: Vec<Target>,
+    /// As buildpack.toml declares them: what buildpackage labels record.
+    pub declared_targets: Vec<Target>,
     /// Non-empty for a composite buildpack.
     pub order: Vec<Vec<OrderEntry>>,
 }
@@ -191,7 +193,7 @@ pub fn parse(text: &str, dir: &Path) -> Result<Buildpack, LifecycleError> {
 
     let declared: Vec<Target> = raw.targets.into_iter().map(Target::from).collect();
     let stacks: Vec<String> = raw.stacks.into_iter().map(|s| s.id).collect();
-    let targets = infer_targets(declared, &stacks, api, dir);
+    let targets = infer_targets(declared.clone(), &stacks, api, dir);
 
     Ok(Buildpack {
         dir: dir.to_path_buf(),
@@ -210,6 +212,7 @@ pub fn parse(text: &str, dir: &Path) -> Result<Buildpack, LifecycleError> {
             })
             .collect(),
         targets,
+        declared_targets: declared,
         order: raw.order.into_iter().map(|g| g.group).collect(),
     })
 }

@@ -279,6 +279,7 @@ mod tests {
             sbom_formats: Vec::new(),
             exec_env: Vec::new(),
             targets: Vec::new(),
+            declared_targets: Vec::new(),
             order: Vec::new(),
         }
     }
