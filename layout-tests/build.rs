@@ -657,3 +657,108 @@ fn an_arm64_build_runs_its_buildpacks_under_emulation() {
         assert!(stderr_of(&out).contains(expected), "{}", report(&out));
     }
 }
+
+/// A two-platform builder made with `lathe builder create` from the testdata buildpacks: its
+/// order (the first group fails on an app without deps.txt, the second passes), its run
+/// image, and `--buildpack ID` replacing its order.
+#[test]
+fn a_builder_made_by_lathe_builds_for_both_platforms() {
+    let world = World::new();
+    let images = world_readable_lathe_and_fixtures().join("images");
+    let builder_toml = world.path("builder.toml");
+    fs::write(
+        &builder_toml,
+        format!(
+            r#"[[buildpacks]]
+uri = "buildpacks/static-site"
+
+[[buildpacks]]
+uri = "buildpacks/procfile"
+
+[[buildpacks]]
+uri = "buildpacks/cached-deps"
+
+[[order]]
+[[order.group]]
+id = "lathe-test/cached-deps"
+[[order.group]]
+id = "lathe-test/procfile"
+optional = true
+
+[[order]]
+[[order.group]]
+id = "lathe-test/static-site"
+[[order.group]]
+id = "lathe-test/procfile"
+optional = true
+
+[build]
+image = "oci:{images}:build"
+
+[[run.images]]
+image = "oci:{images}:run"
+"#,
+            images = images.display()
+        ),
+    )
+    .unwrap();
+    let layout = world.path("builder");
+    let created = lathe(&[
+        "builder",
+        "create",
+        "--config",
+        builder_toml.to_str().unwrap(),
+        "--platform",
+        "linux/amd64,linux/arm64",
+        "--output",
+        &format!("oci:{}:builder", layout.display()),
+    ]);
+    assert!(created.status.success(), "{}", report(&created));
+    tool("chmod", &["-R", "a+rX", layout.to_str().unwrap()]);
+    let builder = format!("oci:{}:builder", layout.display());
+    let exe = world_readable_lathe_and_fixtures().join("lathe");
+    for platform in ["linux/amd64", "linux/arm64"] {
+        let out = lathe_as(Who::Unprivileged, &exe)
+            .args(["build", &world.arg("apps/site"), "--builder", &builder])
+            .args(["--platform", platform, "--json"])
+            .arg(format!("--output=oci:{}:app", world.path("out").display()))
+            .arg(format!("--store={}", world.path("store").display()))
+            .output()
+            .unwrap();
+        let result = outcome(&out);
+        let ids: Vec<&str> = result["group"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            ["lathe-test/static-site", "lathe-test/procfile"],
+            "{platform}: {}",
+            report(&out)
+        );
+    }
+    let out = lathe_as(Who::Unprivileged, &exe)
+        .args([
+            "build",
+            &world.arg("apps/procfile-app"),
+            "--builder",
+            &builder,
+        ])
+        .args(["--buildpack", "lathe-test/procfile", "--json"])
+        .arg(format!("--output=oci:{}:app", world.path("out").display()))
+        .arg(format!("--store={}", world.path("store").display()))
+        .output()
+        .unwrap();
+    assert_no_leftovers(world.dir.path());
+    let result = outcome(&out);
+    assert_eq!(
+        result["group"],
+        json!([{"id": "lathe-test/procfile", "version": "0.3.0", "api": "0.8"}])
+    );
+    assert_eq!(
+        result["metadata"]["processes"][1]["command"],
+        json!(["busybox httpd -f -p \"${PORT:-8080}\""])
+    );
+}
