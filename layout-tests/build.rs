@@ -762,3 +762,34 @@ image = "oci:{images}:run"
         json!(["busybox httpd -f -p \"${PORT:-8080}\""])
     );
 }
+
+#[test]
+fn sandbox_none_refuses_what_only_a_sandbox_can_do() {
+    let world = World::new();
+    for (extra, expected) in [
+        (
+            vec!["--builder=oci:/nowhere:builder".to_string()],
+            "--sandbox none builds with the builder image lathe runs in",
+        ),
+        (
+            vec![format!("--volume={}:/data", world.arg("apps"))],
+            "--volume and --network none need a sandbox",
+        ),
+        (
+            vec!["--network=none".to_string()],
+            "--volume and --network none need a sandbox",
+        ),
+    ] {
+        let mut args = vec![
+            "build".to_string(),
+            world.arg("apps/site"),
+            "--sandbox=none".to_string(),
+            "--output=oci:/nowhere:app".to_string(),
+        ];
+        args.extend(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = lathe(&refs);
+        assert_eq!(out.status.code(), Some(3), "{}", report(&out));
+        assert!(stderr_of(&out).contains(expected), "{}", report(&out));
+    }
+}

@@ -426,7 +426,7 @@ fn choose_sandbox(request: &BuildRequest) -> Result<SandboxMode, BuildError> {
         }
         SandboxMode::Auto => {
             if !other_image {
-                if Path::new("/cnb/order.toml").is_file() || !request.buildpacks.is_empty() {
+                if Path::new("/cnb/order.toml").is_file() {
                     return Ok(SandboxMode::None);
                 }
                 return Err(BuildError::Usage(
@@ -814,6 +814,13 @@ fn build_in_this_container(
     request: &BuildRequest,
     project: Option<&Project>,
 ) -> Result<BuildOutcome, BuildError> {
+    if !request.volumes.is_empty() || request.network == Network::None {
+        return Err(BuildError::Usage(
+            "--volume and --network none need a sandbox; with --sandbox none the buildpacks \
+             run as plain processes of this container"
+                .into(),
+        ));
+    }
     let workspace = Path::new("/workspace");
     let layers = Path::new("/layers");
     for dir in [workspace, layers] {
