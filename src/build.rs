@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::image::{self, ImageError, ImageSource, Selection};
+use crate::image::{self, ImageError, ImageSource};
 use crate::lifecycle::descriptor::{self, OrderEntry};
 use crate::lifecycle::phase::PhaseRequest;
 use crate::lifecycle::{self, Distro, GroupFile, GroupMember, Paths, TargetData, escape_id};
@@ -463,19 +463,8 @@ fn read_build_image(
     progress: &dyn ByteProgress,
 ) -> Result<BuildImage, BuildError> {
     let what = source.describe();
-    let resolved = image::resolve_selection(
-        source,
-        &Selection {
-            platforms: vec![wanted.clone()],
-            single_image: true,
-        },
-    )?;
-    let manifest_bytes = source.read_blob(&resolved.root)?;
-    let manifest = image::parse_manifest(&manifest_bytes, &resolved.root, &what)?;
-    let config_bytes = source.read_blob(manifest.config())?;
-    let config: Value = serde_json::from_slice(&config_bytes)
-        .map_err(|e| BuildError::Invalid(format!("{what}: config: {e}")))?;
-    let platform = image::config_platform(&config_bytes).unwrap_or_else(|| wanted.clone());
+    let image = image::read_platform_image(source, wanted)?;
+    let (config, platform) = (image.config, image.platform);
     let env_id = |name: &str| -> Result<u32, BuildError> {
         image_env(&config)
             .into_iter()
@@ -489,7 +478,7 @@ fn read_build_image(
             })
     };
     let (uid, gid) = (env_id("CNB_USER_ID")?, env_id("CNB_GROUP_ID")?);
-    let (rootfs, _) = store.rootfs(source, &resolved.root, &platform.to_string(), progress)?;
+    let (rootfs, _) = store.rootfs(source, &image.manifest, &platform.to_string(), progress)?;
     Ok(BuildImage {
         platform,
         config,
@@ -568,19 +557,8 @@ fn run_image_ref(request: &BuildRequest, rootfs: &Path) -> Result<ImageRef, Buil
 fn read_target(run_ref: &ImageRef, platform: &Platform) -> Result<TargetData, BuildError> {
     let source = image::open_source(run_ref)?;
     let what = source.describe();
-    let resolved = image::resolve_selection(
-        source.as_ref(),
-        &Selection {
-            platforms: vec![platform.clone()],
-            single_image: true,
-        },
-    )?;
-    let manifest_bytes = source.read_blob(&resolved.root)?;
-    let manifest = image::parse_manifest(&manifest_bytes, &resolved.root, &what)?;
-    let config_bytes = source.read_blob(manifest.config())?;
-    let config: Value = serde_json::from_slice(&config_bytes)
-        .map_err(|e| BuildError::Invalid(format!("run image {what}: config: {e}")))?;
-    let run_platform = image::config_platform(&config_bytes).unwrap_or_else(|| platform.clone());
+    let image = image::read_platform_image(source.as_ref(), platform)?;
+    let (config, run_platform) = (image.config, image.platform);
     if run_platform.os != platform.os || run_platform.arch != platform.arch {
         return Err(BuildError::Invalid(format!(
             "run image {what} is {run_platform}, the build image {platform}"

@@ -280,6 +280,43 @@ pub fn platform_children(index: &ImageIndex) -> Vec<(Platform, Descriptor)> {
         .collect()
 }
 
+/// One platform's image of a source, as commands that need a single image read it.
+pub struct PlatformImage {
+    /// The image manifest's descriptor.
+    pub manifest: Descriptor,
+    /// The config, parsed.
+    pub config: Value,
+    /// The platform the config names (the one asked for when it names none).
+    pub platform: Platform,
+}
+
+/// Picks `wanted` from `source` (an index's child, or the image itself) and reads its config.
+pub fn read_platform_image(
+    source: &dyn ImageSource,
+    wanted: &Platform,
+) -> Result<PlatformImage, ImageError> {
+    let what = source.describe();
+    let resolved = resolve_selection(
+        source,
+        &Selection {
+            platforms: vec![wanted.clone()],
+            single_image: true,
+        },
+    )?;
+    let manifest_bytes = source.read_blob(&resolved.root)?;
+    let manifest = parse_manifest(&manifest_bytes, &resolved.root, &what)?;
+    let config_bytes = source.read_blob(manifest.config())?;
+    let config = serde_json::from_slice(&config_bytes).map_err(|e| ImageError::Invalid {
+        what: what.clone(),
+        why: format!("config: {e}"),
+    })?;
+    Ok(PlatformImage {
+        manifest: resolved.root,
+        config,
+        platform: config_platform(&config_bytes).unwrap_or_else(|| wanted.clone()),
+    })
+}
+
 pub fn parse_index(
     bytes: &[u8],
     desc: &Descriptor,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use pathrs::Root;
 use serde_json::Value;
 
-use crate::image::{self, ImageError, ImageSource, Selection};
+use crate::image::{self, ImageError, ImageSource};
 use crate::platform::Platform;
 use crate::progress::ByteProgress;
 use crate::sandbox::{self, Bind, Emulator, Network, RootFs, RunControl, SandboxSpec};
@@ -225,19 +225,8 @@ pub fn run_image(
     let mut notes = Vec::new();
     let host = Platform::host();
     let wanted = request.platform.clone().unwrap_or_else(|| host.clone());
-    let resolved = image::resolve_selection(
-        source,
-        &Selection {
-            platforms: vec![wanted.clone()],
-            single_image: true,
-        },
-    )?;
-    let manifest_bytes = source.read_blob(&resolved.root)?;
-    let manifest = image::parse_manifest(&manifest_bytes, &resolved.root, &source.describe())?;
-    let config_bytes = source.read_blob(manifest.config())?;
-    let config: Value = serde_json::from_slice(&config_bytes)
-        .map_err(|e| RunError::Invalid(format!("{}: config: {e}", source.describe())))?;
-    let image_platform = image::config_platform(&config_bytes).unwrap_or_else(|| wanted.clone());
+    let image = image::read_platform_image(source, &wanted)?;
+    let (config, image_platform) = (image.config, image.platform);
     let process = process_from_config(
         &config,
         request.process.as_deref(),
@@ -258,7 +247,7 @@ pub fn run_image(
     let store = Store::open(&request.store)?;
     let (rootfs, reused) = store.rootfs(
         source,
-        &resolved.root,
+        &image.manifest,
         &image_platform.to_string(),
         progress,
     )?;
