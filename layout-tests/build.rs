@@ -793,3 +793,76 @@ fn sandbox_none_refuses_what_only_a_sandbox_can_do() {
         assert!(stderr_of(&out).contains(expected), "{}", report(&out));
     }
 }
+
+/// `--platform-dir` seeds /platform, `--env-file` and `--env` add env files (later wins),
+/// `--binding` appears read-only under /platform/bindings, and a bad one is refused first.
+#[test]
+fn platform_dir_env_files_and_bindings_reach_the_buildpacks() {
+    let world = World::new();
+    let seed = world.path("seed");
+    fs::create_dir_all(seed.join("env")).unwrap();
+    fs::write(seed.join("env/BP_SEEDED"), "from-seed").unwrap();
+    fs::write(seed.join("env/BP_OVERRIDDEN"), "seed").unwrap();
+    let binding = world.path("binding");
+    fs::create_dir(&binding).unwrap();
+    fs::write(binding.join("type"), "postgresql").unwrap();
+    let env_file = world.path("build.env");
+    fs::write(
+        &env_file,
+        "# a comment\n\nBP_FROM_FILE=file value\nBP_OVERRIDDEN=file\n",
+    )
+    .unwrap();
+    tool("chmod", &["-R", "a+rX", world.dir.path().to_str().unwrap()]);
+    let bp = world.buildpack(
+        "platform",
+        "api = \"0.10\"\n[buildpack]\nid = \"lathe-test/platform\"\nversion = \"1.0.0\"\n",
+        "exit 0",
+        "for f in BP_SEEDED BP_FROM_FILE BP_OVERRIDDEN; do echo \"env $f=${!f}\"; done\n\
+         echo \"binding type=$(cat \"$CNB_PLATFORM_DIR/bindings/db/type\")\"\n\
+         if touch \"$CNB_PLATFORM_DIR/bindings/db/x\" 2>/dev/null; then echo writable; fi",
+    );
+    let out = world.build(
+        Who::Unprivileged,
+        "site",
+        &[
+            "--buildpack",
+            &bp,
+            "--platform-dir",
+            seed.to_str().unwrap(),
+            "--env-file",
+            env_file.to_str().unwrap(),
+            "--env",
+            "BP_OVERRIDDEN=flag",
+            "--binding",
+            &format!("db={}", binding.display()),
+        ],
+    );
+    outcome(&out);
+    let err = stderr_of(&out);
+    for expected in [
+        "env BP_SEEDED=from-seed",
+        "env BP_FROM_FILE=file value",
+        "env BP_OVERRIDDEN=flag",
+        "binding type=postgresql",
+    ] {
+        assert!(err.contains(expected), "{expected}: {err}");
+    }
+    assert!(!err.contains("writable"), "bindings are read-only: {err}");
+    assert_eq!(
+        fs::read_dir(&binding).unwrap().count(),
+        1,
+        "the binding's directory is unchanged"
+    );
+
+    let bad = world.build(
+        Who::Unprivileged,
+        "site",
+        &["--buildpack", &bp, "--env-file", "/no/such/file"],
+    );
+    assert_eq!(bad.status.code(), Some(3), "{}", report(&bad));
+    assert!(
+        stderr_of(&bad).contains("/no/such/file"),
+        "{}",
+        report(&bad)
+    );
+}

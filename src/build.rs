@@ -613,7 +613,8 @@ fn prepare_platform_dir(
                 seed.display()
             )));
         }
-        copy_tree_contents(seed, dir)?;
+        project::copy_app(seed, dir, None)
+            .map_err(|e| BuildError::Invalid(format!("--platform-dir {}: {e}", seed.display())))?;
     }
     let env_dir = dir.join("env");
     let env = project
@@ -941,24 +942,6 @@ fn make_readable(dir: &Path) -> Result<(), BuildError> {
         }
     }
     Ok(())
-}
-
-fn copy_tree_contents(from: &Path, to: &Path) -> Result<(), BuildError> {
-    let out = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", from.display()))
-        .arg(to)
-        .output()
-        .map_err(|e| BuildError::Invalid(format!("cp: {e}")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(BuildError::Invalid(format!(
-            "copying {}: {}",
-            from.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
 }
 
 #[cfg(test)]

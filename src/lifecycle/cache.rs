@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use super::descriptor::Buildpack;
@@ -168,41 +168,15 @@ fn sbom_files(dir: &Path, layer: &str) -> Result<Vec<PathBuf>, LifecycleError> {
     Ok(found)
 }
 
-/// Copies a tree keeping modes, symlinks (as links) and mtimes.
+/// Copies a layer's tree (modes, symlinks as links, mtimes; fifos and sockets left out),
+/// replacing what `to` held.
 fn copy_tree(from: &Path, to: &Path) -> Result<(), LifecycleError> {
     if to.exists() {
         remove(to)?;
     }
-    for entry in walkdir::WalkDir::new(from).follow_links(false) {
-        let entry = entry.map_err(|e| error(from, e))?;
-        let relative = entry.path().strip_prefix(from).expect("below from");
-        let target = to.join(relative);
-        let meta = entry
-            .path()
-            .symlink_metadata()
-            .map_err(|e| error(entry.path(), e))?;
-        if meta.file_type().is_symlink() {
-            let link = fs::read_link(entry.path()).map_err(|e| error(entry.path(), e))?;
-            symlink(&link, &target).map_err(|e| error(&target, e))?;
-            continue;
-        }
-        if meta.is_dir() {
-            fs::create_dir(&target).map_err(|e| error(&target, e))?;
-        } else if meta.is_file() {
-            fs::copy(entry.path(), &target).map_err(|e| error(entry.path(), e))?;
-        } else {
-            continue; // sockets and fifos have no place in a cache
-        }
-        fs::set_permissions(
-            &target,
-            fs::Permissions::from_mode(meta.permissions().mode()),
-        )
-        .map_err(|e| error(&target, e))?;
-        if let Ok(modified) = meta.modified() {
-            let _ = fs::File::open(&target).and_then(|f| f.set_modified(modified));
-        }
-    }
-    Ok(())
+    crate::project::copy_app(from, to, None)
+        .map(|_| ())
+        .map_err(|e| error(from, e))
 }
 
 fn remove(path: &Path) -> Result<(), LifecycleError> {
@@ -212,6 +186,7 @@ fn remove(path: &Path) -> Result<(), LifecycleError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn buildpack(id: &str) -> Buildpack {
         super::super::descriptor::parse(
