@@ -222,8 +222,11 @@ pub fn build(
         binds.push(bind(cache, CACHE_INSIDE, false));
     }
 
+    // Root chowns the work area to the build user when its namespace has that user (a rootless
+    // container's root may have only its own id; the sandbox then runs the build as that id,
+    // which owns the work area already).
     let caller = nix::unistd::getuid().as_raw();
-    if caller == 0 && build_user_is_mapped(build_image.uid, build_image.gid) {
+    if caller == 0 && crate::idmap::own_namespace_maps(build_image.uid, build_image.gid) {
         for dir in [Some(&workspace), Some(&layers), cache.as_ref()]
             .into_iter()
             .flatten()
@@ -899,16 +902,6 @@ fn make_dir(parent: &Path, name: &str) -> Result<PathBuf, BuildError> {
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> BuildError + '_ {
     move |e| BuildError::Invalid(format!("{}: {e}", path.display()))
-}
-
-/// Whether this process's user namespace has the build user's ids (a rootless container's
-/// root may have only its own; the sandbox then runs the build as that root's id, which
-/// owns the work area already).
-fn build_user_is_mapped(uid: u32, gid: u32) -> bool {
-    let covered = |file: &str, id: u32| {
-        crate::idmap::read(file).is_ok_and(|ranges| crate::idmap::covers(&ranges, id))
-    };
-    covered("/proc/self/uid_map", uid) && covered("/proc/self/gid_map", gid)
 }
 
 /// Gives `uid:gid` everything under `dir` (root only: the build user must own its work area).

@@ -342,6 +342,15 @@ pub enum NetworkArg {
     Default,
 }
 
+impl From<NetworkArg> for crate::sandbox::Network {
+    fn from(arg: NetworkArg) -> Self {
+        match arg {
+            NetworkArg::None => crate::sandbox::Network::None,
+            NetworkArg::Default => crate::sandbox::Network::Host,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum StoreCommand {
     /// List the unpacked root filesystems in the store
@@ -731,10 +740,7 @@ fn build_command(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
         bindings: args.binding.clone(),
         platform_dir: args.platform_dir.clone(),
         descriptor: args.descriptor.clone(),
-        network: match args.network {
-            NetworkArg::None => crate::sandbox::Network::None,
-            NetworkArg::Default => crate::sandbox::Network::Host,
-        },
+        network: args.network.into(),
         sandbox: args.sandbox,
         timeout: args.timeout.map(Duration::from_secs),
         detect_timeout: Some(Duration::from_secs(args.detect_timeout)),
@@ -765,10 +771,7 @@ fn run_command(args: RunArgs, quiet: bool) -> anyhow::Result<i32> {
         process: args.process,
         env: args.env,
         volumes: args.volume,
-        network: match args.network {
-            NetworkArg::None => crate::sandbox::Network::None,
-            NetworkArg::Default => crate::sandbox::Network::Host,
-        },
+        network: args.network.into(),
         sandbox: args.sandbox,
         timeout: args.timeout.map(Duration::from_secs),
         args: args.args,

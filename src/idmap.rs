@@ -50,6 +50,12 @@ pub fn own_namespace_maps_image_ids() -> bool {
     all("/proc/self/uid_map") && all("/proc/self/gid_map")
 }
 
+/// Whether this process's user namespace maps `uid` and `gid`.
+pub fn own_namespace_maps(uid: u32, gid: u32) -> bool {
+    let mapped = |file: &str, id: u32| read(file).is_ok_and(|ranges| covers(&ranges, id));
+    mapped("/proc/self/uid_map", uid) && mapped("/proc/self/gid_map", gid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
