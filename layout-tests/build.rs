@@ -13,26 +13,12 @@ mod common;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use serde_json::{Value, json};
 
 const EXPORT_NOT_YET: i32 = 62;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Who {
-    TestUser,
-    /// nobody with no capabilities (setpriv) when the tests run as root; else the test user.
-    Unprivileged,
-    /// `unshare --user --map-root-user` run by [`Who::Unprivileged`].
-    Nested,
-}
 
 /// One test's world-readable copy of lathe, the fixture images, the testdata buildpacks and
 /// apps, and a world-writable store.
@@ -90,7 +76,7 @@ impl World {
     fn build(&self, who: Who, app: &str, extra: &[&str]) -> Output {
         let world = world_readable_lathe_and_fixtures();
         let images = world.join("images");
-        let mut command = lathe_as(who, &world.join("lathe"));
+        let mut command = command_as(who, &world.join("lathe"));
         command
             .arg("build")
             .arg(self.path(&format!("apps/{app}")))
@@ -103,29 +89,6 @@ impl World {
         let out = command.output().expect("run lathe build");
         assert_no_leftovers(self.dir.path());
         out
-    }
-}
-
-fn lathe_as(who: Who, exe: &Path) -> Command {
-    match who {
-        Who::TestUser => Command::new(exe),
-        Who::Unprivileged if is_root() => {
-            let mut c = setpriv_nobody();
-            c.arg(exe);
-            c
-        }
-        Who::Unprivileged => Command::new(exe),
-        Who::Nested => {
-            let mut c = if is_root() {
-                let mut c = setpriv_nobody();
-                c.arg("unshare");
-                c
-            } else {
-                Command::new("unshare")
-            };
-            c.args(["--user", "--map-root-user"]).arg(exe);
-            c
-        }
     }
 }
 
@@ -579,7 +542,7 @@ fn sandbox_none_builds_inside_the_build_image() {
         .map(String::from),
     );
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut command = lathe_as(Who::Unprivileged, &shared.join("lathe"));
+    let mut command = command_as(Who::Unprivileged, &shared.join("lathe"));
     command.args(&refs);
     let out = command.output().unwrap();
     assert_no_leftovers(world.dir.path());
@@ -718,7 +681,7 @@ image = "oci:{images}:run"
     let builder = format!("oci:{}:builder", layout.display());
     let exe = world_readable_lathe_and_fixtures().join("lathe");
     for platform in ["linux/amd64", "linux/arm64"] {
-        let out = lathe_as(Who::Unprivileged, &exe)
+        let out = command_as(Who::Unprivileged, &exe)
             .args(["build", &world.arg("apps/site"), "--builder", &builder])
             .args(["--platform", platform, "--json"])
             .arg(format!("--output=oci:{}:app", world.path("out").display()))
@@ -739,7 +702,7 @@ image = "oci:{images}:run"
             report(&out)
         );
     }
-    let out = lathe_as(Who::Unprivileged, &exe)
+    let out = command_as(Who::Unprivileged, &exe)
         .args([
             "build",
             &world.arg("apps/procfile-app"),

@@ -24,26 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Who runs lathe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Who {
-    /// The user running the tests (root in CI).
-    TestUser,
-    /// uid/gid 65534 with no capabilities at all (setpriv), or the test user when not root.
-    Unprivileged,
-    /// `unshare --user --map-root-user` run by [`Who::Unprivileged`]: root of a rootless
-    /// container, without CAP_SYS_ADMIN on the host.
-    Nested,
-    /// The dedicated user with /etc/subuid and /etc/subgid ranges (newuidmap/newgidmap).
-    SubordinateIds,
-}
-
 const NOBODY: u32 = 65534;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn world() -> &'static Path {
     world_readable_lathe_and_fixtures()
@@ -60,41 +41,7 @@ fn fixture(name: &str) -> String {
 
 /// A command that runs lathe as `who`.
 fn lathe_as(who: Who) -> Command {
-    let exe = world_lathe();
-    match who {
-        Who::TestUser => Command::new(exe),
-        Who::Unprivileged if is_root() => {
-            let mut c = setpriv_nobody();
-            c.arg(exe);
-            c
-        }
-        Who::Unprivileged => Command::new(exe),
-        Who::Nested => {
-            let mut c = if is_root() {
-                let mut c = setpriv_nobody();
-                c.arg("unshare");
-                c
-            } else {
-                Command::new("unshare")
-            };
-            c.args(["--user", "--map-root-user"]).arg(exe);
-            c
-        }
-        Who::SubordinateIds => {
-            let user = subid_test_user();
-            assert!(
-                is_root(),
-                "running lathe as {SUBID_USER} needs root (setpriv): run the tests as root"
-            );
-            let mut c = Command::new("setpriv");
-            // The bounding set stays: newuidmap and newgidmap are setuid root and need it.
-            c.arg(format!("--reuid={}", user.uid))
-                .arg(format!("--regid={}", user.gid))
-                .args(["--init-groups", "--inh-caps=-all"])
-                .arg(exe);
-            c
-        }
-    }
+    command_as(who, &world_lathe())
 }
 
 /// The host uid of files the image user (1001) writes through a read-write volume.

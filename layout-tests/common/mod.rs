@@ -403,3 +403,60 @@ pub fn subid_test_user() -> SubidUser {
         }
     })
 }
+
+/// Who runs lathe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// The user running the tests (root in CI).
+    TestUser,
+    /// uid/gid 65534 with no capabilities at all (setpriv), or the test user when not root.
+    Unprivileged,
+    /// `unshare --user --map-root-user` run by [`Who::Unprivileged`]: root of a rootless
+    /// container, without CAP_SYS_ADMIN on the host.
+    Nested,
+    /// The dedicated user with /etc/subuid and /etc/subgid ranges (newuidmap/newgidmap).
+    SubordinateIds,
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A command that runs `exe` (a world-readable lathe) as `who`.
+pub fn command_as(who: Who, exe: &Path) -> Command {
+    match who {
+        Who::TestUser => Command::new(exe),
+        Who::Unprivileged if is_root() => {
+            let mut c = setpriv_nobody();
+            c.arg(exe);
+            c
+        }
+        Who::Unprivileged => Command::new(exe),
+        Who::Nested => {
+            let mut c = if is_root() {
+                let mut c = setpriv_nobody();
+                c.arg("unshare");
+                c
+            } else {
+                Command::new("unshare")
+            };
+            c.args(["--user", "--map-root-user"]).arg(exe);
+            c
+        }
+        Who::SubordinateIds => {
+            let user = subid_test_user();
+            assert!(
+                is_root(),
+                "running lathe as {SUBID_USER} needs root (setpriv): run the tests as root"
+            );
+            let mut c = Command::new("setpriv");
+            // The bounding set stays: newuidmap and newgidmap are setuid root and need it.
+            c.arg(format!("--reuid={}", user.uid))
+                .arg(format!("--regid={}", user.gid))
+                .args(["--init-groups", "--inh-caps=-all"])
+                .arg(exe);
+            c
+        }
+    }
+}
