@@ -341,8 +341,22 @@ fn a_failing_bin_build_exits_51_after_showing_its_output() {
         "exit 0",
         "echo 'compiling...'\necho 'error: the compiler broke' >&2\nexit 3",
     );
-    let out = world.build(Who::Unprivileged, "site", &["--buildpack", &bp]);
+    let new_cache = world.path("out/new-cache");
+    let out = world.build(
+        Who::Unprivileged,
+        "site",
+        &[
+            "--buildpack",
+            &bp,
+            "--cache-dir",
+            new_cache.to_str().unwrap(),
+        ],
+    );
     assert_eq!(out.status.code(), Some(51), "{}", report(&out));
+    assert!(
+        !new_cache.exists(),
+        "a failed build leaves no new cache directory"
+    );
     let err = stderr_of(&out);
     assert!(err.contains("error: the compiler broke"), "{err}");
     assert!(err.contains("lathe-test/fails"), "{err}");

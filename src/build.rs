@@ -217,7 +217,8 @@ pub fn build(
     let (buildpack_binds, order_written) = prepare_buildpacks(request, project.as_ref(), &layers)?;
     binds.extend(buildpack_binds);
     binds.extend(request.volumes.iter().cloned());
-    let cache = prepare_cache_dir(request)?;
+    let cache_dir = CacheDir::prepare(request)?;
+    let cache = cache_dir.as_ref().map(|c| c.path.clone());
     if let Some(cache) = &cache {
         binds.push(bind(cache, CACHE_INSIDE, false));
     }
@@ -350,15 +351,32 @@ pub fn describe(outcome: &BuildOutcome) -> String {
 /// Where the cache directory is bound in the sandbox.
 const CACHE_INSIDE: &str = "/cache";
 
-/// `--cache-dir`, created when missing.
-fn prepare_cache_dir(request: &BuildRequest) -> Result<Option<PathBuf>, BuildError> {
-    let Some(dir) = &request.cache_dir else {
-        return Ok(None);
-    };
-    std::fs::create_dir_all(dir)
-        .and_then(|_| std::fs::canonicalize(dir))
-        .map(Some)
-        .map_err(|e| BuildError::Usage(format!("--cache-dir {}: {e}", dir.display())))
+/// `--cache-dir`, created when missing; a directory this build created is removed again
+/// when it is still empty at the end (the build failed before saving anything).
+struct CacheDir {
+    path: PathBuf,
+    created: bool,
+}
+
+impl CacheDir {
+    fn prepare(request: &BuildRequest) -> Result<Option<CacheDir>, BuildError> {
+        let Some(dir) = &request.cache_dir else {
+            return Ok(None);
+        };
+        let created = !dir.exists();
+        std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::canonicalize(dir))
+            .map(|path| Some(CacheDir { path, created }))
+            .map_err(|e| BuildError::Usage(format!("--cache-dir {}: {e}", dir.display())))
+    }
+}
+
+impl Drop for CacheDir {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_dir(&self.path); // only when empty
+        }
+    }
 }
 
 fn check_arguments(request: &BuildRequest) -> Result<(), BuildError> {
@@ -869,6 +887,7 @@ fn build_in_this_container(
         Some(run_ref) => read_target(run_ref, &wanted)?,
         None => read_target(&run_image_ref(request, Path::new("/"))?, &wanted)?,
     };
+    let cache = CacheDir::prepare(request)?;
     let phase = PhaseRequest {
         paths,
         target,
@@ -876,7 +895,7 @@ fn build_in_this_container(
         lifecycle_env: std::env::vars().collect(),
         detect_timeout: request.detect_timeout,
         os_release: "/etc/os-release".into(),
-        cache: prepare_cache_dir(request)?,
+        cache: cache.as_ref().map(|c| c.path.clone()),
         clear_cache: request.clear_cache,
     };
     lifecycle::phase::run(&phase)?;
