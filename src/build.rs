@@ -768,35 +768,16 @@ fn read_outcome(layers: &Path, notes: Vec<String>) -> Result<BuildOutcome, Build
     let mut summaries = Vec::new();
     for member in &group.group {
         let dir = layers.join(escape_id(&member.id));
-        let mut tomls: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).collect())
-            .unwrap_or_default();
-        tomls.sort();
-        for path in tomls {
-            let Some(name) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".toml"))
-            else {
-                continue;
-            };
-            if ["launch", "build", "store"].contains(&name) || !dir.join(name).is_dir() {
-                continue;
-            }
-            let table: toml::Table = toml::from_str(&read(&path)?).map_err(|e| bad(&path, e))?;
-            let types = table.get("types");
-            let flag = |key: &str| {
-                types
-                    .and_then(|t| t.get(key))
-                    .and_then(toml::Value::as_bool)
-                    .unwrap_or(false)
-            };
+        let files = lifecycle::launch::read_layer_files(&dir)
+            .map_err(|(path, why)| BuildError::Invalid(format!("{}: {why}", path.display())))?;
+        for file in files.into_iter().filter(|f| dir.join(&f.name).is_dir()) {
+            let types = &file.layer.types;
             summaries.push(LayerSummary {
                 buildpack: member.id.clone(),
-                name: name.to_string(),
-                launch: flag("launch"),
-                build: flag("build"),
-                cache: flag("cache"),
+                name: file.name,
+                launch: types.launch,
+                build: types.build,
+                cache: types.cache,
             });
         }
     }

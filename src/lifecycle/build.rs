@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 
 use super::descriptor::Buildpack;
 use super::env::{Action, Env};
-use super::launch::{self, LayerTypes, Process};
+use super::launch::{self, LayerFile, LayerTypes, Process, RESERVED_LAYER_NAMES};
 use super::order;
 use super::{ApiVersion, LifecycleError, Paths, PlanFile, Require, TargetData, escape_id};
 
@@ -44,10 +44,6 @@ pub struct BuildRequest<'a> {
     pub exec_env: &'a str,
     pub platform_api: ApiVersion,
 }
-
-/// The layer names a buildpack may not use: they are its `build.toml`, `launch.toml` and
-/// `store.toml`.
-const RESERVED_LAYER_NAMES: [&str; 3] = ["build", "launch", "store"];
 
 /// Runs the group's `bin/build`s and writes `<layers>/config/metadata.toml`.
 pub fn build(req: &BuildRequest) -> Result<BuildMetadata, LifecycleError> {
@@ -332,24 +328,9 @@ fn read_layers(
             ));
         }
     }
-    let entries = fs::read_dir(bp_layers).map_err(|e| fail(bp_layers, e.to_string()))?;
     let mut layers = BTreeMap::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| fail(bp_layers, e.to_string()))?;
-        let path = entry.path();
-        let Some(name) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_suffix(".toml"))
-            .map(String::from)
-        else {
-            continue;
-        };
-        if RESERVED_LAYER_NAMES.contains(&name.as_str()) || path.is_dir() {
-            continue;
-        }
-        let text = fs::read_to_string(&path).map_err(|e| fail(&path, e.to_string()))?;
-        let layer = launch::parse_layer_toml(&text).map_err(|why| fail(&path, why))?;
+    let files = launch::read_layer_files(bp_layers).map_err(|(path, why)| fail(&path, why))?;
+    for LayerFile { name, layer, .. } in files {
         if layer.types.is_none() {
             let dir = bp_layers.join(&name);
             let ignored = bp_layers.join(format!("{name}.ignore"));

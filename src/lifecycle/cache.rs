@@ -9,11 +9,11 @@
 //! metadata and types as the buildpack left them) and `<layer>.sbom.<ext>`.
 
 use std::fs;
-use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use super::descriptor::Buildpack;
+use super::launch::{LayerFile, read_layer_files};
 use super::{LifecycleError, escape_id};
 
 const CURRENT: &str = "current";
@@ -37,16 +37,16 @@ pub fn restore(
     for buildpack in group {
         let escaped = escape_id(&buildpack.id);
         let cached = generation.join(&escaped);
-        for (name, record) in cached_layers(&cached)? {
-            if !declares_cache(&record) {
+        for LayerFile { name, layer, .. } in layer_files(&cached)? {
+            if !layer.types.cache {
                 continue;
             }
             let into = layers.join(&escaped);
             fs::create_dir_all(&into).map_err(|e| error(&into, e))?;
             copy_tree(&cached.join(&name), &into.join(&name))?;
             let mut metadata_only = toml::Table::new();
-            if let Some(metadata) = record.get("metadata") {
-                metadata_only.insert("metadata".into(), metadata.clone());
+            if !layer.metadata.is_empty() {
+                metadata_only.insert("metadata".into(), layer.metadata.into());
             }
             let toml_path = into.join(format!("{name}.toml"));
             fs::write(
@@ -87,16 +87,19 @@ pub fn save(
         for buildpack in group {
             let escaped = escape_id(&buildpack.id);
             let from = layers.join(&escaped);
-            for (layer, record) in cached_layers(&from)? {
-                if !declares_cache(&record) || !from.join(&layer).is_dir() {
+            for LayerFile {
+                name: layer, path, ..
+            } in layer_files(&from)?
+                .into_iter()
+                .filter(|file| file.layer.types.cache)
+            {
+                if !from.join(&layer).is_dir() {
                     continue;
                 }
                 let into = generation.join(&escaped);
                 fs::create_dir_all(&into).map_err(|e| error(&into, e))?;
                 copy_tree(&from.join(&layer), &into.join(&layer))?;
-                let toml_path = from.join(format!("{layer}.toml"));
-                fs::copy(&toml_path, into.join(format!("{layer}.toml")))
-                    .map_err(|e| error(&toml_path, e))?;
+                fs::copy(&path, into.join(format!("{layer}.toml"))).map_err(|e| error(&path, e))?;
                 for sbom in sbom_files(&from, &layer)? {
                     fs::copy(&sbom, into.join(sbom.file_name().expect("a file")))
                         .map_err(|e| error(&sbom, e))?;
@@ -120,41 +123,8 @@ pub fn save(
     Ok(saved)
 }
 
-/// Whether a layer's TOML declares `[types] cache = true`.
-fn declares_cache(record: &toml::Table) -> bool {
-    record
-        .get("types")
-        .and_then(|t| t.get("cache"))
-        .and_then(toml::Value::as_bool)
-        == Some(true)
-}
-
-/// The layers of one buildpack's directory that have a `<layer>.toml`, with it parsed.
-fn cached_layers(dir: &Path) -> Result<Vec<(String, toml::Table)>, LifecycleError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(error(dir, e)),
-    };
-    let mut found = Vec::new();
-    for entry in entries {
-        let path = entry.map_err(|e| error(dir, e))?.path();
-        let Some(name) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".toml"))
-        else {
-            continue;
-        };
-        if ["launch", "build", "store"].contains(&name) {
-            continue;
-        }
-        let text = fs::read_to_string(&path).map_err(|e| error(&path, e))?;
-        let table: toml::Table = text.parse().map_err(|e| error(&path, e))?;
-        found.push((name.to_string(), table));
-    }
-    found.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(found)
+fn layer_files(dir: &Path) -> Result<Vec<LayerFile>, LifecycleError> {
+    read_layer_files(dir).map_err(|(path, why)| error(&path, why))
 }
 
 fn sbom_files(dir: &Path, layer: &str) -> Result<Vec<PathBuf>, LifecycleError> {

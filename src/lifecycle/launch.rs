@@ -38,6 +38,51 @@ pub struct LayerToml {
     pub metadata: toml::Table,
 }
 
+/// The layer names a buildpack may not use: they are its `build.toml`, `launch.toml` and
+/// `store.toml`.
+pub const RESERVED_LAYER_NAMES: [&str; 3] = ["build", "launch", "store"];
+
+/// A `<layer>.toml` found in a buildpack's layers directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerFile {
+    pub name: String,
+    pub path: std::path::PathBuf,
+    pub layer: LayerToml,
+}
+
+/// Every `<layer>.toml` (not build/launch/store.toml) of a buildpack's layers directory,
+/// parsed, in name order; a missing directory has none. An error names the file at fault.
+pub fn read_layer_files(
+    bp_layers: &std::path::Path,
+) -> Result<Vec<LayerFile>, (std::path::PathBuf, String)> {
+    let entries = match std::fs::read_dir(bp_layers) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err((bp_layers.to_path_buf(), e.to_string())),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| (bp_layers.to_path_buf(), e.to_string()))?;
+        let path = entry.path();
+        let Some(name) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".toml"))
+            .map(String::from)
+        else {
+            continue;
+        };
+        if RESERVED_LAYER_NAMES.contains(&name.as_str()) || path.is_dir() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| (path.clone(), e.to_string()))?;
+        let layer = parse_layer_toml(&text).map_err(|why| (path.clone(), why))?;
+        found.push(LayerFile { name, path, layer });
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(found)
+}
+
 /// Parses a `<layer>.toml`. The flags belong under `[types]` for every Buildpack API lathe
 /// honours; written at the top level (the pre-0.6 layout) they are an error, as in the
 /// reference lifecycle.
