@@ -2,12 +2,10 @@
 //! create`) as pack writes them (cnb-spec-digest §4), and [`read_builder_labels`], the reader
 //! of a builder's labels that a build uses to check `--builder` before unpacking it.
 //!
-//! Both commands assemble an image in a staging directory: the layers lathe makes (one per
-//! buildpack, and a builder's `/cnb` configuration layer), configs, manifests and the index.
-//! Blobs taken from input images (a builder's build image, the layers of dependency
-//! buildpackages) are never copied there: the assembled image is an [`ImageSource`] that serves
-//! them from their own sources, and [`image::copy_from_source`] writes everything to the
-//! destination through its sink, which makes it visible only when it is complete.
+//! Both commands assemble an image with [`crate::assembly`]: the layers lathe makes (one per
+//! buildpack, and a builder's `/cnb` configuration layer), configs, manifests and the index,
+//! with the blobs of input images (a builder's build image, the layers of dependency
+//! buildpackages) served from those images.
 //!
 //! Buildpack layers follow pack's `toDistTar`: `/cnb`, `/cnb/buildpacks`,
 //! `/cnb/buildpacks/<escaped id>` and `…/<version>` (directories 0755), then the buildpack's
@@ -19,17 +17,16 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Display;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use oci_spec::image::{Descriptor, ImageManifest, MediaType};
+use oci_spec::image::{Descriptor, ImageManifest};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
 
 use crate::content::{self, Kind};
-use crate::image::{self, ImageError, ImageSource};
-use crate::layer::LayerCompression;
+use crate::image::{self, ImageError};
 use crate::layer::cnb::{CnbLayerWriter, Owner};
 use crate::lifecycle::descriptor::{self, Buildpack, OrderEntry, Target};
 use crate::lifecycle::{ApiVersion, BUILDPACK_APIS, LifecycleError, PLATFORM_API, escape_id};
@@ -366,88 +363,11 @@ fn parse_layers_label(text: &str) -> Result<BuildpackLayers, String> {
 // ------------------------------------------------------------------ staging and assembly
 
 /// Blobs lathe makes for the image being assembled, named by digest in a temporary directory.
-struct Staging {
-    dir: tempfile::TempDir,
-    blobs: BTreeSet<String>,
-    compression: LayerCompression,
-}
-
-impl Staging {
-    fn new() -> Result<Staging, DistributionError> {
-        let dir = tempfile::Builder::new()
-            .prefix("lathe-distribution-")
-            .tempdir()
-            .map_err(io_error("creating a staging directory"))?;
-        Ok(Staging {
-            dir,
-            blobs: BTreeSet::new(),
-            compression: LayerCompression::default(),
-        })
-    }
-
-    fn path_of(&self, digest: &str) -> PathBuf {
-        self.dir
-            .path()
-            .join(digest.strip_prefix("sha256:").unwrap_or(digest))
-    }
-
-    fn write_json(
-        &mut self,
-        value: &Value,
-        media_type: MediaType,
-    ) -> Result<Descriptor, DistributionError> {
-        let bytes = content::canonical_json(value);
-        let desc = Descriptor::new(
-            media_type,
-            bytes.len() as u64,
-            content::sha256_digest(&bytes),
-        );
-        let key = desc.digest().to_string();
-        if !self.blobs.contains(&key) {
-            let path = self.path_of(&key);
-            fs::write(&path, &bytes).map_err(io_error(path.display()))?;
-            self.blobs.insert(key);
-        }
-        Ok(desc)
-    }
-
-    /// A layer whose entries `fill` adds; its blob descriptor and diffID.
-    fn write_layer(
-        &mut self,
-        what: &str,
-        fill: impl FnOnce(&mut CnbLayerWriter<&File>) -> io::Result<()>,
-    ) -> Result<(Descriptor, String), DistributionError> {
-        let tmp = tempfile::NamedTempFile::new_in(self.dir.path())
-            .map_err(io_error(self.dir.path().display()))?;
-        let written = (|| {
-            let mut writer = CnbLayerWriter::new(tmp.as_file(), self.compression)?;
-            fill(&mut writer)?;
-            writer.finish().map(|(written, _)| written)
-        })()
-        .map_err(io_error(what))?;
-        let desc = Descriptor::new(written.media_type, written.size, written.digest);
-        let key = desc.digest().to_string();
-        if !self.blobs.contains(&key) {
-            let path = self.path_of(&key);
-            tmp.persist(&path)
-                .map_err(|e| io_error(path.display())(e.error))?;
-            self.blobs.insert(key);
-        }
-        Ok((desc, written.diff_id.to_string()))
-    }
-}
-
-/// The image being made: lathe's own blobs in [`Staging`], the rest served by the input images
-/// they come from.
+/// The image being made, and the buildpack layers already made for it, by (buildpack
+/// directory, folder packaged).
 struct Assembly {
-    describe: String,
-    staging: Staging,
-    inputs: Vec<Box<dyn ImageSource>>,
-    /// Blob digest → the input that serves it.
-    origins: HashMap<String, usize>,
-    /// Buildpack layers already made, by (buildpack directory, folder packaged).
+    image: crate::assembly::Assembly,
     dir_layers: HashMap<(PathBuf, PathBuf), ModuleLayer>,
-    root: Option<Descriptor>,
 }
 
 /// One image of an input, for one platform.
@@ -460,18 +380,13 @@ struct PickedImage {
 impl Assembly {
     fn new(describe: &str) -> Result<Assembly, DistributionError> {
         Ok(Assembly {
-            describe: describe.to_string(),
-            staging: Staging::new()?,
-            inputs: Vec::new(),
-            origins: HashMap::new(),
+            image: crate::assembly::Assembly::new(describe, None)?,
             dir_layers: HashMap::new(),
-            root: None,
         })
     }
 
     fn open_input(&mut self, reference: &ImageRef) -> Result<usize, DistributionError> {
-        self.inputs.push(image::open_source(reference)?);
-        Ok(self.inputs.len() - 1)
+        Ok(self.image.open_input(reference)?)
     }
 
     /// The image of input `input` for `platform`. An index must have it. A single image must
@@ -484,7 +399,7 @@ impl Assembly {
         any_arch: bool,
         notes: &mut Vec<String>,
     ) -> Result<PickedImage, DistributionError> {
-        let source = self.inputs[input].as_ref();
+        let source = self.image.input(input);
         let describe = source.describe();
         let root = source.root();
         content::check_descriptor(&root).map_err(|why| invalid(&describe, why))?;
@@ -575,9 +490,10 @@ impl Assembly {
             buildpack.name_version(),
             folder.display()
         );
-        let (blob, diff_id) = self
-            .staging
+        let made = self
+            .image
             .write_layer(&what, |w| add_buildpack_tree(w, buildpack, &folder))?;
+        let (blob, diff_id) = (made.blob, made.diff_id);
         let layer = ModuleLayer {
             id: buildpack.id.clone(),
             version: buildpack.version.clone(),
@@ -642,7 +558,7 @@ impl Assembly {
                         ),
                     ));
                 };
-                self.origins.insert(blob.digest().to_string(), input);
+                self.image.take_blob(input, blob);
                 found.push((
                     *position,
                     ModuleLayer {
@@ -659,50 +575,6 @@ impl Assembly {
         Ok(found.into_iter().map(|(_, layer)| layer).collect())
     }
 
-    /// Stages a config and the manifest naming it and `layers`.
-    fn write_image(
-        &mut self,
-        config: &Value,
-        layers: &[Descriptor],
-    ) -> Result<Descriptor, DistributionError> {
-        let config_desc = self.staging.write_json(config, MediaType::ImageConfig)?;
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": config_desc,
-            "layers": layers,
-        });
-        self.staging.write_json(&manifest, MediaType::ImageManifest)
-    }
-
-    /// The image's root: the one manifest, or an index of one per platform.
-    fn set_root(
-        &mut self,
-        children: &[(Platform, Descriptor)],
-    ) -> Result<Descriptor, DistributionError> {
-        let root = match children {
-            [(_, only)] => only.clone(),
-            _ => {
-                let manifests: Vec<Descriptor> = children
-                    .iter()
-                    .map(|(platform, desc)| {
-                        let mut desc = desc.clone();
-                        desc.set_platform(Some(platform.to_oci()));
-                        desc
-                    })
-                    .collect();
-                let index = json!({
-                    "schemaVersion": 2,
-                    "mediaType": "application/vnd.oci.image.index.v1+json",
-                    "manifests": manifests,
-                });
-                self.staging.write_json(&index, MediaType::ImageIndex)?
-            }
-        };
-        self.root = Some(root.clone());
-        Ok(root)
-    }
-
     /// Writes the image to `output` and reports it. The platforms are those the destination
     /// got: every child of an index, or the one image a docker-archive takes from it.
     fn write_to(
@@ -713,7 +585,7 @@ impl Assembly {
         mut notes: Vec<String>,
         progress: &Progress,
     ) -> Result<DistributionReport, DistributionError> {
-        let report = image::copy_from_source(self, output, &[], progress)?;
+        let report = self.image.write_to(output, progress)?;
         notes.extend(report.note);
         let platforms = if report.platforms.is_empty() {
             children
@@ -731,41 +603,6 @@ impl Assembly {
             buildpacks,
             notes,
         })
-    }
-}
-
-impl ImageSource for Assembly {
-    fn describe(&self) -> String {
-        self.describe.clone()
-    }
-
-    fn root(&self) -> Descriptor {
-        self.root
-            .clone()
-            .expect("the root is set before the assembled image is read")
-    }
-
-    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send + '_>, ImageError> {
-        let key = desc.digest().to_string();
-        if self.staging.blobs.contains(&key) {
-            let path = self.staging.path_of(&key);
-            let file = File::open(&path).map_err(|source| ImageError::Io {
-                what: path.display().to_string(),
-                source,
-            })?;
-            return Ok(Box::new(content::VerifyingReader::new(
-                file,
-                desc,
-                self.describe(),
-            )));
-        }
-        match self.origins.get(&key) {
-            Some(&input) => self.inputs[input].open_blob(desc),
-            None => Err(ImageError::Invalid {
-                what: self.describe(),
-                why: format!("blob {key} was neither made nor found in an input image"),
-            }),
-        }
     }
 }
 
@@ -1433,10 +1270,13 @@ pub fn package_buildpack(
             config["variant"] = json!(variant);
         }
         let blobs: Vec<Descriptor> = layers.into_iter().map(|(blob, _, _)| blob).collect();
-        children.push((platform.clone(), assembly.write_image(&config, &blobs)?));
+        children.push((
+            platform.clone(),
+            assembly.image.write_image(&config, &blobs)?,
+        ));
         names = modules.names();
     }
-    assembly.set_root(&children)?;
+    assembly.image.set_root(&children)?;
     assembly.write_to(&request.output, &children, names, notes, progress)
 }
 
@@ -1906,9 +1746,7 @@ pub fn create_builder(
             gid: user_id(&base_image.config, "CNB_GROUP_ID", &base_image.describe)?,
         };
         for layer in base_image.manifest.layers() {
-            assembly
-                .origins
-                .insert(layer.digest().to_string(), build_input);
+            assembly.image.take_blob(build_input, layer);
         }
         let mut modules = Modules::default();
         for (entry_what, entry, module) in &opened {
@@ -1944,11 +1782,12 @@ pub fn create_builder(
             env: &env_files,
             user,
         };
-        let (config_layer, config_diff_id) = assembly
-            .staging
+        let config_layer = assembly
+            .image
             .write_layer("the builder's /cnb configuration layer", |w| {
                 add_builder_files(w, &files)
             })?;
+        let (config_layer, config_diff_id) = (config_layer.blob, config_layer.diff_id);
 
         let mut layers: Vec<Descriptor> = base_image.manifest.layers().to_vec();
         let mut diff_ids = Vec::new();
@@ -1983,11 +1822,11 @@ pub fn create_builder(
         )?;
         children.push((
             platform.clone(),
-            assembly.write_image(&image_config, &layers)?,
+            assembly.image.write_image(&image_config, &layers)?,
         ));
         names = modules.names();
     }
-    assembly.set_root(&children)?;
+    assembly.image.set_root(&children)?;
     assembly.write_to(&request.output, &children, names, notes, progress)
 }
 
@@ -1997,7 +1836,7 @@ fn build_image_platform(
     input: usize,
     notes: &mut Vec<String>,
 ) -> Result<Platform, DistributionError> {
-    let source = assembly.inputs[input].as_ref();
+    let source = assembly.image.input(input);
     let describe = source.describe();
     let root = source.root();
     match content::kind_of(root.media_type()) {

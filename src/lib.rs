@@ -5,6 +5,7 @@
 //! is the library; `src/main.rs` is a thin command line over [`cli`].
 
 pub mod archive;
+pub mod assembly;
 pub mod build;
 pub mod cli;
 pub mod content;

@@ -1,0 +1,232 @@
+//! An image being made: the blobs lathe writes (layers, configs, manifests, an index) staged in
+//! a private directory, and the blobs it takes from input images (a base image's layers, the
+//! layers of a previous build) served from those images, never copied. The assembled image is
+//! an [`ImageSource`], so [`image::copy_from_source`] writes it to any destination through that
+//! destination's sink, which sends only what the destination lacks and makes the image visible
+//! only when it is complete. `lathe buildpack package`, `lathe builder create` and the export
+//! of `lathe build` all assemble their images here.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{Descriptor, MediaType};
+use serde_json::{Value, json};
+
+use crate::content;
+use crate::image::{self, ImageError, ImageSource};
+use crate::layer::LayerCompression;
+use crate::layer::cnb::CnbLayerWriter;
+use crate::platform::Platform;
+use crate::progress::Progress;
+use crate::reference::ImageRef;
+
+fn io_error(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> ImageError {
+    move |source| ImageError::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
+/// A layer lathe wrote: its blob and its diffID.
+#[derive(Debug, Clone)]
+pub struct MadeLayer {
+    pub blob: Descriptor,
+    pub diff_id: String,
+}
+
+pub struct Assembly {
+    describe: String,
+    dir: tempfile::TempDir,
+    /// Digests of the blobs staged in `dir`.
+    made: BTreeSet<String>,
+    compression: LayerCompression,
+    inputs: Vec<Box<dyn ImageSource>>,
+    /// Blob digest → the input that serves it.
+    origins: HashMap<String, usize>,
+    root: Option<Descriptor>,
+}
+
+impl Assembly {
+    /// An empty image called `describe` in messages, staged in a new directory under `parent`
+    /// (the system's temporary directory when `None`).
+    pub fn new(describe: &str, parent: Option<&Path>) -> Result<Assembly, ImageError> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("lathe-assembly-");
+        let dir = match parent {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .map_err(io_error("creating a staging directory"))?;
+        Ok(Assembly {
+            describe: describe.to_string(),
+            dir,
+            made: BTreeSet::new(),
+            compression: LayerCompression::default(),
+            inputs: Vec::new(),
+            origins: HashMap::new(),
+            root: None,
+        })
+    }
+
+    /// Opens an input image; its blobs can then be served with [`Assembly::take_blob`].
+    pub fn open_input(&mut self, reference: &ImageRef) -> Result<usize, ImageError> {
+        Ok(self.add_input(image::open_source(reference)?))
+    }
+
+    pub fn add_input(&mut self, source: Box<dyn ImageSource>) -> usize {
+        self.inputs.push(source);
+        self.inputs.len() - 1
+    }
+
+    pub fn input(&self, input: usize) -> &dyn ImageSource {
+        self.inputs[input].as_ref()
+    }
+
+    /// The blob `desc` of input `input` becomes part of the image, served from that input.
+    pub fn take_blob(&mut self, input: usize, desc: &Descriptor) {
+        self.origins.insert(desc.digest().to_string(), input);
+    }
+
+    fn path_of(&self, digest: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join(digest.strip_prefix("sha256:").unwrap_or(digest))
+    }
+
+    /// Stages `value` as canonical JSON.
+    pub fn write_json(
+        &mut self,
+        value: &Value,
+        media_type: MediaType,
+    ) -> Result<Descriptor, ImageError> {
+        let bytes = content::canonical_json(value);
+        let desc = Descriptor::new(
+            media_type,
+            bytes.len() as u64,
+            content::sha256_digest(&bytes),
+        );
+        let key = desc.digest().to_string();
+        if !self.made.contains(&key) {
+            let path = self.path_of(&key);
+            fs::write(&path, &bytes).map_err(io_error(path.display()))?;
+            self.made.insert(key);
+        }
+        Ok(desc)
+    }
+
+    /// Stages a layer whose entries `fill` adds, in the lifecycle's tar conventions; `what`
+    /// names it in errors.
+    pub fn write_layer(
+        &mut self,
+        what: &str,
+        fill: impl FnOnce(&mut CnbLayerWriter<&File>) -> io::Result<()>,
+    ) -> Result<MadeLayer, ImageError> {
+        let tmp = tempfile::NamedTempFile::new_in(self.dir.path())
+            .map_err(io_error(self.dir.path().display()))?;
+        let written = (|| {
+            let mut writer = CnbLayerWriter::new(tmp.as_file(), self.compression)?;
+            fill(&mut writer)?;
+            writer.finish().map(|(written, _)| written)
+        })()
+        .map_err(io_error(what))?;
+        let blob = Descriptor::new(written.media_type, written.size, written.digest);
+        let key = blob.digest().to_string();
+        if !self.made.contains(&key) {
+            let path = self.path_of(&key);
+            tmp.persist(&path)
+                .map_err(|e| io_error(path.display())(e.error))?;
+            self.made.insert(key);
+        }
+        Ok(MadeLayer {
+            blob,
+            diff_id: written.diff_id.to_string(),
+        })
+    }
+
+    /// Stages a config and the OCI manifest naming it and `layers`.
+    pub fn write_image(
+        &mut self,
+        config: &Value,
+        layers: &[Descriptor],
+    ) -> Result<Descriptor, ImageError> {
+        let config_desc = self.write_json(config, MediaType::ImageConfig)?;
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": config_desc,
+            "layers": layers,
+        });
+        self.write_json(&manifest, MediaType::ImageManifest)
+    }
+
+    /// Sets the image's root: the one manifest, or an OCI index of one per platform.
+    pub fn set_root(
+        &mut self,
+        children: &[(Platform, Descriptor)],
+    ) -> Result<Descriptor, ImageError> {
+        let root = match children {
+            [(_, only)] => only.clone(),
+            _ => {
+                let manifests: Vec<Descriptor> = children
+                    .iter()
+                    .map(|(platform, desc)| {
+                        let mut desc = desc.clone();
+                        desc.set_platform(Some(platform.to_oci()));
+                        desc
+                    })
+                    .collect();
+                let index = json!({
+                    "schemaVersion": 2,
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "manifests": manifests,
+                });
+                self.write_json(&index, MediaType::ImageIndex)?
+            }
+        };
+        self.root = Some(root.clone());
+        Ok(root)
+    }
+
+    /// Writes the image to `output` (after [`Assembly::set_root`]).
+    pub fn write_to(
+        &self,
+        output: &ImageRef,
+        progress: &Progress,
+    ) -> Result<image::CopyReport, ImageError> {
+        image::copy_from_source(self, output, &[], progress)
+    }
+}
+
+impl ImageSource for Assembly {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn root(&self) -> Descriptor {
+        self.root
+            .clone()
+            .expect("the root is set before the assembled image is read")
+    }
+
+    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send + '_>, ImageError> {
+        let key = desc.digest().to_string();
+        if self.made.contains(&key) {
+            let path = self.path_of(&key);
+            let file = File::open(&path).map_err(io_error(path.display()))?;
+            return Ok(Box::new(content::VerifyingReader::new(
+                file,
+                desc,
+                self.describe(),
+            )));
+        }
+        match self.origins.get(&key) {
+            Some(&input) => self.inputs[input].open_blob(desc),
+            None => Err(ImageError::Invalid {
+                what: self.describe(),
+                why: format!("blob {key} was neither made nor found in an input image"),
+            }),
+        }
+    }
+}
