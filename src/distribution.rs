@@ -2071,7 +2071,7 @@ mod tests {
                     version: if id == "a" { "1" } else { "2" }.into(),
                     entry: layer(diff, order),
                     blob: Descriptor::new(
-                        MediaType::ImageLayerGzip,
+                        oci_spec::image::MediaType::ImageLayerGzip,
                         1,
                         content::sha256_digest(id.as_bytes()),
                     ),
