@@ -2,8 +2,8 @@
 //! directories), unpacks it into the store, prepares the work area (a copy of the app,
 //! `/layers`, `/platform`), runs the lifecycle (detect, build) rooted in the build image — in
 //! the sandbox, or with `--sandbox none` in this very process when lathe runs inside the
-//! builder image — and reads back what it wrote. The run image is read here only for its
-//! target; export is the export issue's.
+//! builder image — and reads back what it wrote, then exports the app image onto the run image
+//! ([`crate::export`]) and writes it to `--output` and every `--tag`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -40,12 +40,9 @@ pub enum BuildError {
     Lifecycle { message: String, code: i32 },
     #[error("{0}")]
     Invalid(String),
-    /// Detect and build worked; writing the image is the export issue's (exit 62).
-    #[error(
-        "detect and build succeeded, but export is not yet supported: nothing was written to \
-         {0}"
-    )]
-    ExportNotYetSupported(String),
+    /// Detect and build worked; making or writing the image failed (exit 62).
+    #[error("export: {0}")]
+    Export(String),
 }
 
 impl BuildError {
@@ -55,7 +52,7 @@ impl BuildError {
             BuildError::Image(e) if e.is_usage() => 3,
             BuildError::Lifecycle { code, .. } => *code,
             BuildError::Run(e) => e.exit_code(),
-            BuildError::ExportNotYetSupported(_) => 62,
+            BuildError::Export(_) => 62,
             _ => 1,
         }
     }
@@ -117,6 +114,9 @@ impl BuildpackArg {
 
 pub struct BuildRequest {
     pub app: PathBuf,
+    /// Where the image goes, and more names for it.
+    pub output: ImageRef,
+    pub tags: Vec<ImageRef>,
     pub builder: Option<ImageRef>,
     pub build_image: Option<ImageRef>,
     pub run_image: Option<ImageRef>,
@@ -140,6 +140,14 @@ pub struct BuildRequest {
     pub cache_dir: Option<PathBuf>,
     /// Start without the cache's layers (the cache is still written after the build).
     pub clear_cache: bool,
+    /// The process the image starts by default (default: the buildpacks').
+    pub default_process: Option<String>,
+    /// A launcher to put into the image instead of the builder's or lathe's own.
+    pub launcher: Option<PathBuf>,
+    /// `SOURCE_DATE_EPOCH`: the image's `created` time, in seconds.
+    pub source_date_epoch: Option<String>,
+    /// No progress output while writing the image.
+    pub quiet: bool,
 }
 
 /// A layer a buildpack made.
@@ -152,6 +160,21 @@ pub struct LayerSummary {
     pub cache: bool,
 }
 
+/// The image a build wrote.
+#[derive(Debug, serde::Serialize)]
+pub struct ImageSummary {
+    /// The manifest's digest.
+    pub digest: String,
+    pub platform: String,
+    /// `--output` and every `--tag`.
+    pub references: Vec<String>,
+    /// The entrypoint's process type, if the image has a default process.
+    pub default_process: Option<String>,
+    /// Blobs and bytes sent to `--output` (zero when it had them all).
+    pub blobs_written: usize,
+    pub bytes_written: u64,
+}
+
 /// What the build made, read from the files the lifecycle wrote.
 #[derive(Debug, serde::Serialize)]
 pub struct BuildOutcome {
@@ -159,6 +182,8 @@ pub struct BuildOutcome {
     pub layers: Vec<LayerSummary>,
     /// config/metadata.toml as the lifecycle wrote it.
     pub metadata: Value,
+    /// The image written.
+    pub image: Option<ImageSummary>,
     #[serde(skip)]
     pub notes: Vec<String>,
 }
@@ -195,8 +220,8 @@ pub fn build(
     let build_source = image::open_source(build_ref)?;
     let wanted = request.platform.clone().unwrap_or_else(Platform::host);
     let build_image = read_build_image(build_source.as_ref(), &wanted, &store, progress)?;
-    let run_ref = run_image_ref(request, &build_image.rootfs)?;
-    let target = read_target(&run_ref, &build_image.platform)?;
+    let run_image = open_run_image(request, &build_image.rootfs, &build_image.platform)?;
+    let target = run_image.target()?;
 
     let scratch = store.scratch()?;
     let work = scratch.path();
@@ -280,7 +305,24 @@ pub fn build(
     };
     let ran = run::run_on_writable_root(spec, &build_image.rootfs, work, &control, &mut notes);
     let outcome = match ran {
-        Ok(0) => read_outcome(&layers, notes),
+        Ok(0) => read_outcome(&layers, notes).and_then(|mut outcome| {
+            let builder_launcher = build_image.rootfs.join("cnb/lifecycle/launcher");
+            let written = export_and_write(
+                request,
+                project.as_ref(),
+                ExportInputs {
+                    layers: &layers,
+                    workspace: &workspace,
+                    owner: (build_image.uid, build_image.gid),
+                    run_image,
+                    builder_launcher: &builder_launcher,
+                    staging: work,
+                },
+                &mut outcome.notes,
+            )?;
+            outcome.image = Some(written);
+            Ok(outcome)
+        }),
         Ok(code) => Err(BuildError::Lifecycle {
             message: format!("the lifecycle ended with exit code {code}"),
             code,
@@ -344,6 +386,15 @@ pub fn describe(outcome: &BuildOutcome) -> String {
             ""
         };
         text += &format!("  {kind}{mark}: {} {}\n", command.join(" "), args.join(" "));
+    }
+    if let Some(image) = &outcome.image {
+        text += &format!(
+            "Image: {} ({}), {} blobs ({} bytes) written\n",
+            image.digest, image.platform, image.blobs_written, image.bytes_written
+        );
+        for reference in &image.references {
+            text += &format!("  {reference}\n");
+        }
     }
     text
 }
@@ -539,74 +590,225 @@ fn lifecycle_env(build_image: &BuildImage) -> Vec<(String, String)> {
     env
 }
 
-/// `--run-image`, else the builder's /cnb/run.toml (or the older /cnb/stack.toml).
-fn run_image_ref(request: &BuildRequest, rootfs: &Path) -> Result<ImageRef, BuildError> {
-    if let Some(run_image) = &request.run_image {
-        return Ok(run_image.clone());
+/// The run image for one platform, opened.
+struct OpenedRunImage {
+    source: Box<dyn ImageSource>,
+    image: image::PlatformImage,
+    /// The name for the labels: a registry name, or a layout's ref name (never a host path).
+    name: String,
+    /// The run.toml entry it came from: image and mirrors, as recorded names.
+    run_toml: Option<(String, Vec<String>)>,
+}
+
+impl OpenedRunImage {
+    /// The run image's target: os/arch/variant from its config, distro and id from its
+    /// `io.buildpacks.base.*` labels.
+    fn target(&self) -> Result<TargetData, BuildError> {
+        let config = &self.image.config;
+        let label = |name: &str| {
+            config["config"]["Labels"][name]
+                .as_str()
+                .filter(|v| !v.is_empty())
+                .map(String::from)
+        };
+        let distro = match (
+            label("io.buildpacks.base.distro.name"),
+            label("io.buildpacks.base.distro.version"),
+        ) {
+            (None, None) => None,
+            (name, version) => Some(Distro {
+                name: name.unwrap_or_default(),
+                version: version.unwrap_or_default(),
+            }),
+        };
+        let platform = &self.image.platform;
+        Ok(TargetData {
+            os: platform.os.clone(),
+            arch: platform.arch.clone(),
+            variant: platform.variant.clone(),
+            distro,
+            id: label("io.buildpacks.base.id"),
+        })
     }
+}
+
+/// How labels name an image: a registry reference as it is; a layout or archive by its ref
+/// name, so that no host path ends up in an image.
+pub fn recorded_name(reference: &ImageRef) -> String {
+    match reference {
+        ImageRef::Registry(r) => r.to_string(),
+        ImageRef::Layout { name, .. }
+        | ImageRef::OciArchive { name, .. }
+        | ImageRef::DockerArchive { name, .. } => name
+            .clone()
+            .unwrap_or_else(|| crate::reference::DEFAULT_TAG.to_string()),
+    }
+}
+
+/// `--run-image`, else the builder's /cnb/run.toml (or the older /cnb/stack.toml), for
+/// `platform`, which it must be for.
+fn open_run_image(
+    request: &BuildRequest,
+    rootfs: &Path,
+    platform: &Platform,
+) -> Result<OpenedRunImage, BuildError> {
+    let (reference, run_toml) = match &request.run_image {
+        Some(run_image) => (run_image.clone(), None),
+        None => {
+            let (image, mirrors) = builder_run_image(rootfs)?;
+            let reference = image.parse::<ImageRef>().map_err(|e| {
+                BuildError::Invalid(format!("the builder's run image {image:?}: {e}"))
+            })?;
+            let recorded = |text: &String| {
+                text.parse::<ImageRef>()
+                    .map(|r| recorded_name(&r))
+                    .unwrap_or_else(|_| text.clone())
+            };
+            let mirrors = mirrors.iter().map(recorded).collect();
+            (reference, Some((recorded(&image), mirrors)))
+        }
+    };
+    let source = image::open_source(&reference)?;
+    let what = source.describe();
+    let image = image::read_platform_image(source.as_ref(), platform)?;
+    let run_platform = &image.platform;
+    if run_platform.os != platform.os
+        || run_platform.arch != platform.arch
+        || (platform.variant.is_some()
+            && run_platform.variant.is_some()
+            && run_platform.variant != platform.variant)
+    {
+        return Err(BuildError::Invalid(format!(
+            "run image {what} is {run_platform}, but the build is for {platform}"
+        )));
+    }
+    Ok(OpenedRunImage {
+        source,
+        image,
+        name: recorded_name(&reference),
+        run_toml,
+    })
+}
+
+/// The first `[[images]]` entry of the builder's /cnb/run.toml (or /cnb/stack.toml's
+/// `[run-image]`): image and mirrors.
+fn builder_run_image(rootfs: &Path) -> Result<(String, Vec<String>), BuildError> {
     let read = |name: &str| -> Option<toml::Table> {
         let text = std::fs::read_to_string(rootfs.join("cnb").join(name)).ok()?;
         text.parse().ok()
     };
-    let named = read("run.toml")
-        .and_then(|t| {
-            t.get("images")?
-                .as_array()?
-                .first()?
-                .get("image")?
-                .as_str()
-                .map(String::from)
+    let entry = |table: &toml::Value| -> Option<(String, Vec<String>)> {
+        let image = table.get("image")?.as_str()?.to_string();
+        let mirrors = table
+            .get("mirrors")
+            .and_then(|m| m.as_array())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some((image, mirrors))
+    };
+    read("run.toml")
+        .and_then(|t| entry(t.get("images")?.as_array()?.first()?))
+        .or_else(|| read("stack.toml").and_then(|t| entry(t.get("run-image")?)))
+        .ok_or_else(|| {
+            BuildError::Invalid(
+                "the builder names no run image (/cnb/run.toml and /cnb/stack.toml are missing \
+                 or empty); give --run-image"
+                    .into(),
+            )
         })
-        .or_else(|| {
-            read("stack.toml")
-                .and_then(|t| t.get("run-image")?.get("image")?.as_str().map(String::from))
-        });
-    let named = named.ok_or_else(|| {
-        BuildError::Invalid(
-            "the builder names no run image (/cnb/run.toml and /cnb/stack.toml are missing or \
-             empty); give --run-image"
-                .into(),
-        )
-    })?;
-    named
-        .parse::<ImageRef>()
-        .map_err(|e| BuildError::Invalid(format!("the builder's run image {named:?}: {e}")))
 }
 
-/// The run image's target for `platform`: os/arch/variant from its config, distro and id
-/// from its `io.buildpacks.base.*` labels.
-fn read_target(run_ref: &ImageRef, platform: &Platform) -> Result<TargetData, BuildError> {
-    let source = image::open_source(run_ref)?;
-    let what = source.describe();
-    let image = image::read_platform_image(source.as_ref(), platform)?;
-    let (config, run_platform) = (image.config, image.platform);
-    if run_platform.os != platform.os || run_platform.arch != platform.arch {
-        return Err(BuildError::Invalid(format!(
-            "run image {what} is {run_platform}, the build image {platform}"
-        )));
+/// What export takes from the build beside the request.
+struct ExportInputs<'a> {
+    layers: &'a Path,
+    workspace: &'a Path,
+    owner: (u32, u32),
+    run_image: OpenedRunImage,
+    /// Where the builder keeps its launcher (used when it has one and no --launcher is given).
+    builder_launcher: &'a Path,
+    /// Where the image's blobs are staged.
+    staging: &'a Path,
+}
+
+/// Exports the app image and writes it to `--output`, then to every `--tag`.
+fn export_and_write(
+    request: &BuildRequest,
+    project: Option<&Project>,
+    inputs: ExportInputs,
+    notes: &mut Vec<String>,
+) -> Result<ImageSummary, BuildError> {
+    let export_error = |e: crate::export::ExportError| BuildError::Export(e.to_string());
+    let launcher = match &request.launcher {
+        Some(path) => path.clone(),
+        None if inputs.builder_launcher.is_file() => inputs.builder_launcher.to_path_buf(),
+        None => {
+            return Err(BuildError::Export(format!(
+                "the builder has no launcher ({}) and none was given with --launcher",
+                inputs.builder_launcher.display()
+            )));
+        }
+    };
+    let run = inputs.run_image;
+    let (run_toml_image, run_toml_mirrors) = match run.run_toml {
+        Some((image, mirrors)) => (Some(image), mirrors),
+        None => (None, Vec::new()),
+    };
+    let manifest_desc = run.image.manifest.clone();
+    let manifest = image::parse_manifest(
+        &run.source.read_blob(&manifest_desc)?,
+        &manifest_desc,
+        &run.source.describe(),
+    )?;
+    let exported = crate::export::export(crate::export::ExportRequest {
+        layers_dir: inputs.layers,
+        app_dir: inputs.workspace,
+        owner: crate::layer::cnb::Owner {
+            uid: inputs.owner.0.into(),
+            gid: inputs.owner.1.into(),
+        },
+        run_image: crate::export::RunImage {
+            source: run.source,
+            manifest,
+            manifest_digest: manifest_desc.digest().to_string(),
+            config: run.image.config,
+            platform: run.image.platform,
+            name: run.name,
+            run_toml_image,
+            run_toml_mirrors,
+        },
+        launcher: &launcher,
+        launcher_version: crate::export::launcher_version(),
+        project_metadata: project
+            .map(Project::source_metadata)
+            .unwrap_or_else(|| serde_json::json!({})),
+        default_process: request.default_process.clone(),
+        created: crate::export::created_time(request.source_date_epoch.as_deref(), notes),
+        staging_parent: Some(inputs.staging),
+    })
+    .map_err(export_error)?;
+    let progress = crate::progress::Progress::for_stderr(request.quiet);
+    let mut references = Vec::new();
+    let mut written = None;
+    for destination in std::iter::once(&request.output).chain(&request.tags) {
+        let report = exported
+            .assembly
+            .write_to(destination, &progress)
+            .map_err(|e| BuildError::Export(format!("writing {destination}: {e}")))?;
+        written.get_or_insert(report);
+        references.push(destination.to_string());
     }
-    let label = |name: &str| {
-        config["config"]["Labels"][name]
-            .as_str()
-            .filter(|v| !v.is_empty())
-            .map(String::from)
-    };
-    let distro = match (
-        label("io.buildpacks.base.distro.name"),
-        label("io.buildpacks.base.distro.version"),
-    ) {
-        (None, None) => None,
-        (name, version) => Some(Distro {
-            name: name.unwrap_or_default(),
-            version: version.unwrap_or_default(),
-        }),
-    };
-    Ok(TargetData {
-        os: run_platform.os,
-        arch: run_platform.arch,
-        variant: run_platform.variant,
-        distro,
-        id: label("io.buildpacks.base.id"),
+    let report = written.expect("--output is always written");
+    Ok(ImageSummary {
+        digest: exported.manifest.digest().to_string(),
+        platform: exported.platform.to_string(),
+        references,
+        default_process: exported.default_process,
+        blobs_written: report.blobs_copied,
+        bytes_written: report.bytes_copied,
     })
 }
 
@@ -785,6 +987,7 @@ fn read_outcome(layers: &Path, notes: Vec<String>) -> Result<BuildOutcome, Build
         group: group.group,
         layers: summaries,
         metadata: serde_json::to_value(metadata).unwrap_or_default(),
+        image: None,
         notes,
     })
 }
@@ -864,10 +1067,8 @@ fn build_in_this_container(
         paths.buildpacks = links;
     }
     let wanted = request.platform.clone().unwrap_or_else(Platform::host);
-    let target = match &request.run_image {
-        Some(run_ref) => read_target(run_ref, &wanted)?,
-        None => read_target(&run_image_ref(request, Path::new("/"))?, &wanted)?,
-    };
+    let run_image = open_run_image(request, Path::new("/"), &wanted)?;
+    let target = run_image.target()?;
     let cache = CacheDir::prepare(request)?;
     let phase = PhaseRequest {
         paths,
@@ -880,10 +1081,33 @@ fn build_in_this_container(
         clear_cache: request.clear_cache,
     };
     lifecycle::phase::run(&phase)?;
-    read_outcome(
+    let mut outcome = read_outcome(
         layers,
         vec!["ran in this container (--sandbox none)".to_string()],
-    )
+    )?;
+    let env_id = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse().ok());
+    let owner = match (env_id("CNB_USER_ID"), env_id("CNB_GROUP_ID")) {
+        (Some(uid), Some(gid)) => (uid, gid),
+        _ => (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        ),
+    };
+    let written = export_and_write(
+        request,
+        project,
+        ExportInputs {
+            layers,
+            workspace,
+            owner,
+            run_image,
+            builder_launcher: Path::new("/cnb/lifecycle/launcher"),
+            staging: scratch.path(),
+        },
+        &mut outcome.notes,
+    )?;
+    outcome.image = Some(written);
+    Ok(outcome)
 }
 
 fn bind(source: &Path, target: &str, read_only: bool) -> Bind {

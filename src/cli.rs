@@ -329,7 +329,16 @@ pub struct BuildArgs {
     /// Don't restore the cache before building (it is still saved after)
     #[arg(long)]
     pub clear_cache: bool,
-    /// Print the result (group, layers, processes) as JSON on stdout
+    /// The process type the image starts by default (default: the buildpacks' default)
+    #[arg(long, value_name = "TYPE")]
+    pub default_process: Option<String>,
+    /// Another name for the image (repeatable)
+    #[arg(long, value_name = "REF", value_parser = parse_ref)]
+    pub tag: Vec<ImageRef>,
+    /// The launcher to put into the image (default: the builder's)
+    #[arg(long, value_name = "PATH")]
+    pub launcher: Option<PathBuf>,
+    /// Print the result (group, layers, processes, image digest) as JSON on stdout
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -730,6 +739,8 @@ fn build_env(args: &BuildArgs) -> Result<Vec<(String, String)>, UsageError> {
 fn build_command(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
     let request = crate::build::BuildRequest {
         app: args.app.clone(),
+        output: args.output.clone(),
+        tags: args.tag.clone(),
         builder: args.builder.clone(),
         build_image: args.build_image.clone(),
         run_image: args.run_image.clone(),
@@ -747,6 +758,10 @@ fn build_command(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
         store: args.store.dir(),
         cache_dir: args.cache_dir.clone(),
         clear_cache: args.clear_cache,
+        default_process: args.default_process.clone(),
+        launcher: args.launcher.clone(),
+        source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok(),
+        quiet: quiet || args.json,
     };
     cancel_on_interrupt()?;
     let lathe_exe = std::env::current_exe().context("finding lathe's own executable")?;
@@ -761,7 +776,7 @@ fn build_command(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
     if !quiet {
         eprint!("{}", crate::build::describe(&outcome));
     }
-    Err(crate::build::BuildError::ExportNotYetSupported(args.output.to_string()).into())
+    Ok(0)
 }
 
 fn run_command(args: RunArgs, quiet: bool) -> anyhow::Result<i32> {

@@ -297,8 +297,7 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
     let mut lifecycle = LifecycleMetadata::default();
     for member in &group.group {
         let dir = layers_dir.join(escape_id(&member.id));
-        let files = read_layer_files(&dir)
-            .map_err(|(path, why)| invalid(path.display(), why))?;
+        let files = read_layer_files(&dir).map_err(|(path, why)| invalid(path.display(), why))?;
         let mut entry = BuildpackLayers {
             key: member.id.clone(),
             version: member.version.clone(),
@@ -387,11 +386,7 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         w.add_dir("/cnb/lifecycle", 0o755, Owner::ROOT)?;
         w.add_file_from_path(LAUNCHER_PATH, 0o755, Owner::ROOT, launcher)
     })?;
-    lifecycle.launcher.sha = add(
-        made,
-        "Buildpacks Application Launcher".into(),
-        &mut layers,
-    );
+    lifecycle.launcher.sha = add(made, "Buildpacks Application Launcher".into(), &mut layers);
     let config_dir = layers_dir.join("config");
     let config_path = format!("{LAYERS_DIR}/config");
     let made = assembly.write_layer("the launcher config layer", |w| {
@@ -429,7 +424,11 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
     };
     lifecycle.run_image = RunImageForRebase {
         top_layer,
-        reference: format!("{}@{}", strip_tag_and_digest(&run.name), run.manifest_digest),
+        reference: format!(
+            "{}@{}",
+            strip_tag_and_digest(&run.name),
+            run.manifest_digest
+        ),
         image: label_image.clone(),
         mirrors: label_mirrors.clone(),
     };
@@ -711,6 +710,14 @@ fn strip_tag_and_digest(name: &str) -> String {
     }
 }
 
+/// The launcher version recorded in `io.buildpacks.build.metadata`: the lifecycle release whose
+/// contract lathe's launcher implements (Buildpack APIs up to 0.12), with lathe's version as
+/// build metadata. `pack inspect` hides run-image details for launchers older than 0.5.0, so
+/// lathe's own version alone would misinform it.
+pub fn launcher_version() -> String {
+    format!("0.21.0+lathe.{}", env!("CARGO_PKG_VERSION"))
+}
+
 /// `SOURCE_DATE_EPOCH` as RFC 3339, or the lifecycle's normalized time when it is unset; an
 /// invalid value is ignored with a note, as the lifecycle does.
 pub fn created_time(source_date_epoch: Option<&str>, notes: &mut Vec<String>) -> String {
@@ -761,7 +768,10 @@ struct AppTree {
 }
 
 impl AppTree {
-    fn read(root: &Path, slices: &[crate::lifecycle::launch::Slice]) -> Result<AppTree, ExportError> {
+    fn read(
+        root: &Path,
+        slices: &[crate::lifecycle::launch::Slice],
+    ) -> Result<AppTree, ExportError> {
         let mut taken: Vec<PathBuf> = Vec::new();
         let mut out = Vec::new();
         for slice in slices {
@@ -820,7 +830,11 @@ impl AppTree {
     }
 
     /// The app directory without the sliced paths (all of it when there are no slices).
-    fn write_rest<W: io::Write>(&self, writer: &mut CnbLayerWriter<W>, owner: Owner) -> io::Result<()> {
+    fn write_rest<W: io::Write>(
+        &self,
+        writer: &mut CnbLayerWriter<W>,
+        owner: Owner,
+    ) -> io::Result<()> {
         let taken: Vec<&PathBuf> = self.slices.iter().flatten().collect();
         if taken.is_empty() {
             return writer.add_tree(&self.root, APP_DIR, owner);
@@ -840,7 +854,8 @@ impl AppTree {
                 continue;
             }
             if entry.file_type().is_dir() {
-                let mode = std::os::unix::fs::PermissionsExt::mode(&entry.metadata()?.permissions());
+                let mode =
+                    std::os::unix::fs::PermissionsExt::mode(&entry.metadata()?.permissions());
                 writer.add_dir(&image_path_of(relative), mode & 0o7777, owner)?;
             } else {
                 // add_tree on a single entry writes just that entry.
@@ -955,10 +970,7 @@ mod tests {
         let mut notes = Vec::new();
         assert_eq!(created_time(None, &mut notes), NORMALIZED_TIME);
         assert_eq!(created_time(Some("0"), &mut notes), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            created_time(Some("315532801"), &mut notes),
-            NORMALIZED_TIME
-        );
+        assert_eq!(created_time(Some("315532801"), &mut notes), NORMALIZED_TIME);
         assert_eq!(
             created_time(Some("1700000000"), &mut notes),
             "2023-11-14T22:13:20Z"
@@ -974,19 +986,27 @@ mod tests {
 
     #[test]
     fn run_image_names_lose_tag_and_digest() {
-        assert_eq!(strip_tag_and_digest("localhost:5000/run:1"), "localhost:5000/run");
+        assert_eq!(
+            strip_tag_and_digest("localhost:5000/run:1"),
+            "localhost:5000/run"
+        );
         assert_eq!(
             strip_tag_and_digest("docker.io/library/run@sha256:ab"),
             "docker.io/library/run"
         );
-        assert_eq!(strip_tag_and_digest("localhost:5000/run"), "localhost:5000/run");
+        assert_eq!(
+            strip_tag_and_digest("localhost:5000/run"),
+            "localhost:5000/run"
+        );
         assert_eq!(strip_tag_and_digest("run"), "run");
     }
 
     #[test]
     fn labels_serialize_in_the_lifecycles_shape() {
         let label = LifecycleMetadata {
-            app: vec![LayerSha { sha: "sha256:a".into() }],
+            app: vec![LayerSha {
+                sha: "sha256:a".into(),
+            }],
             buildpacks: vec![BuildpackLayers {
                 key: "bp".into(),
                 version: "1".into(),

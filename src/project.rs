@@ -218,6 +218,22 @@ pub struct Project {
 }
 
 impl Project {
+    /// `io.buildpacks.project.metadata` as pack fills it from the descriptor: a source of type
+    /// `project` with the declared version and the source URL; `{}` when neither is set.
+    pub fn source_metadata(&self) -> serde_json::Value {
+        if self.version.is_none() && self.source_url.is_none() {
+            return serde_json::json!({});
+        }
+        let mut source = serde_json::json!({"type": "project"});
+        if let Some(version) = &self.version {
+            source["version"] = serde_json::json!({ "declared": version });
+        }
+        if let Some(url) = &self.source_url {
+            source["metadata"] = serde_json::json!({ "url": url });
+        }
+        serde_json::json!({ "source": source })
+    }
+
     fn empty(path: &Path, schema_version: SchemaVersion) -> Project {
         Project {
             path: path.to_path_buf(),
