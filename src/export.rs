@@ -381,11 +381,7 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
 
     // Launcher, launcher config, process types.
     let launcher = request.launcher;
-    let made = assembly.write_layer("the launcher layer", |w| {
-        w.add_dir("/cnb", 0o755, Owner::ROOT)?;
-        w.add_dir("/cnb/lifecycle", 0o755, Owner::ROOT)?;
-        w.add_file_from_path(LAUNCHER_PATH, 0o755, Owner::ROOT, launcher)
-    })?;
+    let made = assembly.write_layer("the launcher layer", |w| w.add_launcher_entries(launcher))?;
     lifecycle.launcher.sha = add(made, "Buildpacks Application Launcher".into(), &mut layers);
     let config_dir = layers_dir.join("config");
     let config_path = format!("{LAYERS_DIR}/config");
@@ -401,18 +397,7 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         .collect();
     if !process_types.is_empty() {
         let made = assembly.write_layer("the process types layer", |w| {
-            w.add_dir("/cnb", 0o755, Owner::ROOT)?;
-            w.add_dir("/cnb/process", 0o755, Owner::ROOT)?;
-            for process_type in &process_types {
-                check_process_type(process_type)?;
-                w.add_symlink(
-                    &format!("/cnb/process/{process_type}"),
-                    LAUNCHER_PATH,
-                    0o755,
-                    Owner::ROOT,
-                )?;
-            }
-            Ok(())
+            w.add_process_type_entries(&process_types)
         })?;
         lifecycle.process_types.sha = add(made, "Buildpacks Process Types".into(), &mut layers);
     }
@@ -665,16 +650,6 @@ fn add_layers_parents<W: io::Write>(
         parent.push('/');
         parent.push_str(part);
         writer.add_dir(&parent, 0o755, owner)?;
-    }
-    Ok(())
-}
-
-fn check_process_type(process_type: &str) -> io::Result<()> {
-    if process_type.is_empty() || process_type.contains(['/', '>', '<', ':', '|', '&', '\\']) {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("invalid process type {process_type:?}"),
-        ));
     }
     Ok(())
 }

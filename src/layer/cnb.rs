@@ -251,6 +251,36 @@ impl<W: Write> CnbLayerWriter<W> {
         self.write_header(&entry)
     }
 
+    /// The entries of the lifecycle's `LauncherLayer` (see [`write_launcher_layer`]).
+    pub fn add_launcher_entries(&mut self, launcher: &Path) -> io::Result<()> {
+        self.add_dir("/cnb", 0o755, Owner::ROOT)?;
+        self.add_dir("/cnb/lifecycle", 0o755, Owner::ROOT)?;
+        self.add_file_from_path(LAUNCHER_PATH, 0o755, Owner::ROOT, launcher)
+    }
+
+    /// The entries of the lifecycle's `ProcessTypesLayer` (see [`write_process_types_layer`]).
+    pub fn add_process_type_entries(&mut self, process_types: &[&str]) -> io::Result<()> {
+        for process_type in process_types {
+            if process_type.is_empty()
+                || process_type.contains(|c| FORBIDDEN_IN_PROCESS_TYPE.contains(c))
+            {
+                return Err(io::Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "invalid process type {process_type:?}: it must be non-empty and may not contain any of {FORBIDDEN_IN_PROCESS_TYPE}"
+                    ),
+                ));
+            }
+        }
+        self.add_dir("/cnb", 0o755, Owner::ROOT)?;
+        self.add_dir(PROCESS_DIR, 0o755, Owner::ROOT)?;
+        for process_type in process_types {
+            let link = format!("{PROCESS_DIR}/{process_type}");
+            self.add_symlink(&link, LAUNCHER_PATH, 0o755, Owner::ROOT)?;
+        }
+        Ok(())
+    }
+
     /// Ends the archive (two zero blocks, as Go's `Close`), flushes the compressor and returns
     /// the layer's diffID, digest, size and media type with the output.
     pub fn finish(mut self) -> io::Result<(WrittenLayer, W)> {
@@ -404,9 +434,7 @@ pub fn write_launcher_layer<W: Write>(
     out: W,
 ) -> io::Result<(WrittenLayer, W)> {
     let mut writer = CnbLayerWriter::new(out, compression)?;
-    writer.add_dir("/cnb", 0o755, Owner::ROOT)?;
-    writer.add_dir("/cnb/lifecycle", 0o755, Owner::ROOT)?;
-    writer.add_file_from_path(LAUNCHER_PATH, 0o755, Owner::ROOT, launcher)?;
+    writer.add_launcher_entries(launcher)?;
     writer.finish()
 }
 
@@ -418,25 +446,8 @@ pub fn write_process_types_layer<W: Write>(
     compression: LayerCompression,
     out: W,
 ) -> io::Result<(WrittenLayer, W)> {
-    for process_type in process_types {
-        if process_type.is_empty()
-            || process_type.contains(|c| FORBIDDEN_IN_PROCESS_TYPE.contains(c))
-        {
-            return Err(io::Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "invalid process type {process_type:?}: it must be non-empty and may not contain any of {FORBIDDEN_IN_PROCESS_TYPE}"
-                ),
-            ));
-        }
-    }
     let mut writer = CnbLayerWriter::new(out, compression)?;
-    writer.add_dir("/cnb", 0o755, Owner::ROOT)?;
-    writer.add_dir(PROCESS_DIR, 0o755, Owner::ROOT)?;
-    for process_type in process_types {
-        let link = format!("{PROCESS_DIR}/{process_type}");
-        writer.add_symlink(&link, LAUNCHER_PATH, 0o755, Owner::ROOT)?;
-    }
+    writer.add_process_type_entries(process_types)?;
     writer.finish()
 }
 
