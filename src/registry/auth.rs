@@ -1,10 +1,9 @@
 //! Registry credentials and the auth flows.
 //!
 //! Where credentials come from, first match wins (cli-conventions.md): `--creds`, then
-//! `CNB_REGISTRY_AUTH`, then `--authfile` (or `$DOCKER_CONFIG/config.json`, else
-//! `~/.docker/config.json`, with their `auths`, `credHelpers` and `credsStore` through
-//! `docker-credential-*`, read by the docker_credential crate), then containers' auth.json,
-//! else anonymous.
+//! `CNB_REGISTRY_AUTH`, then `--authfile` alone, or else `$DOCKER_CONFIG/config.json` (else
+//! `~/.docker/config.json`) and then containers' auth.json, each with its `credHelpers`,
+//! `credsStore` and `auths` ([`authfile`](super::authfile)); else anonymous.
 //!
 //! The flows: a `Basic` challenge gets the credential on every request; a `Bearer` challenge
 //! sends the credential to the token realm for the scopes lathe needs (pull on the source,
@@ -13,15 +12,14 @@
 //! here quotes one, nor a token server's or helper's output.
 
 use std::fmt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use docker_credential::{CredentialRetrievalError, DockerCredential};
 use serde_json::Value;
 
 use super::RegistryError;
+use super::authfile::{self, is_docker_hub};
 use super::settings::Settings;
 
 /// A credential for one registry.
@@ -51,14 +49,6 @@ impl Credential {
     }
 }
 
-/// The docker.io host names that share one credential.
-fn is_docker_hub(host: &str) -> bool {
-    matches!(
-        host,
-        "docker.io" | "index.docker.io" | "registry-1.docker.io"
-    )
-}
-
 /// The credential for `registry` (a host as written in references, `name[:port]`), or `None`
 /// for anonymous access.
 pub fn credential_for(
@@ -76,90 +66,32 @@ pub fn credential_for(
     {
         return Ok(Some(found));
     }
-    let keys: Vec<&str> = if is_docker_hub(registry) {
-        vec!["docker.io", "https://index.docker.io/v1/"]
-    } else {
-        vec![registry]
-    };
     if let Some(file) = &settings.authfile {
-        let what = format!("--authfile {}", file.display());
-        for key in &keys {
-            let reader = std::fs::File::open(file).map_err(|e| RegistryError::Config {
-                what: what.clone(),
-                why: e.to_string(),
-            })?;
-            match docker_credential::get_credential_from_reader(reader, key) {
-                Ok(c) => return Ok(Some(from_docker(c))),
-                Err(e) => check_lookup_error(e, &what)?,
+        return authfile::credential_from_file(file, registry);
+    }
+    // The default files: a missing one is skipped, one that is not JSON is warned about and
+    // skipped (as docker does); a helper it names that fails, or a bad entry for this
+    // registry, is an error.
+    for file in [
+        authfile::default_docker_config(),
+        authfile::default_containers_auth(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !file.is_file() {
+            continue;
+        }
+        match authfile::AuthFile::load(&file) {
+            Ok(config) => {
+                if let Some(found) = config.credential(&file, registry)? {
+                    return Ok(Some(found));
+                }
             }
-        }
-        return Ok(None);
-    }
-    for key in &keys {
-        match docker_credential::get_credential(key) {
-            Ok(c) => return Ok(Some(from_docker(c))),
-            Err(e) => check_lookup_error(e, &docker_config_name())?,
-        }
-    }
-    for key in &keys {
-        match docker_credential::get_podman_credential(key) {
-            Ok(c) => return Ok(Some(from_docker(c))),
-            Err(e) => check_lookup_error(e, "containers auth.json")?,
+            Err(e) => tracing::warn!("{e}; ignoring it"),
         }
     }
     Ok(None)
-}
-
-fn docker_config_name() -> String {
-    match std::env::var_os("DOCKER_CONFIG") {
-        Some(dir) => Path::new(&dir).join("config.json").display().to_string(),
-        None => "~/.docker/config.json".into(),
-    }
-}
-
-fn from_docker(c: DockerCredential) -> Credential {
-    match c {
-        DockerCredential::IdentityToken(t) => Credential::IdentityToken(t),
-        DockerCredential::UsernamePassword(user, password) => Credential::Basic { user, password },
-    }
-}
-
-/// Missing files and missing entries mean "no credential here"; anything else is an error
-/// that names the file or helper (never the helper's output, which may hold a secret).
-fn check_lookup_error(e: CredentialRetrievalError, what: &str) -> Result<(), RegistryError> {
-    let why = match e {
-        CredentialRetrievalError::NoCredentialConfigured
-        | CredentialRetrievalError::ConfigNotFound => return Ok(()),
-        // docker_credential gives this both for a missing file and for bad JSON.
-        CredentialRetrievalError::ConfigReadError => {
-            return match what.strip_prefix("--authfile ") {
-                Some(path) if Path::new(path).exists() => Err(RegistryError::Config {
-                    what: what.into(),
-                    why: "not a valid docker config.json".into(),
-                }),
-                _ => Ok(()),
-            };
-        }
-        CredentialRetrievalError::HelperFailure { helper, .. } => {
-            format!("credential helper docker-credential-{helper} failed")
-        }
-        CredentialRetrievalError::HelperCommunicationError => {
-            "could not run the credential helper".into()
-        }
-        CredentialRetrievalError::MalformedHelperResponse => {
-            "the credential helper's answer is malformed".into()
-        }
-        CredentialRetrievalError::CredentialDecodingError => {
-            "an `auth` entry is not base64 of user:password".into()
-        }
-        CredentialRetrievalError::CredentialMismatchError => {
-            "an `auth` entry does not match its username and password".into()
-        }
-    };
-    Err(RegistryError::Config {
-        what: what.into(),
-        why,
-    })
 }
 
 /// `CNB_REGISTRY_AUTH`: `{"registry.example": "Basic base64(user:pass)" | "Bearer token"}`.

@@ -8,6 +8,8 @@
 //! - [`auth`]: where credentials come from, and the anonymous, basic and bearer-token flows
 //!   (`WWW-Authenticate` challenges, pull/push/mount scopes, a token cache with refresh).
 //!   Credentials are kept in types whose `Debug` hides them and are never put in an error.
+//! - [`authfile`]: docker config.json and containers auth.json (`auths`, `credHelpers`,
+//!   `credsStore`) and the `docker-credential-*` helpers they name.
 //! - [`client`]: one registry host: https with http fallback for loopback and insecure
 //!   registries, retries with backoff on 5xx, 429 and dropped connections for the steps that
 //!   may be repeated, and the distribution calls (manifests with their digests verified,
@@ -21,6 +23,7 @@
 //! manifest types and holds whole layers in memory when pushing an image.
 
 pub mod auth;
+pub mod authfile;
 pub mod client;
 pub mod settings;
 pub mod transport;
