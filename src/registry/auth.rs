@@ -7,9 +7,12 @@
 //!
 //! The flows: a `Basic` challenge gets the credential on every request; a `Bearer` challenge
 //! sends the credential to the token realm for the scopes lathe needs (pull on the source,
-//! pull and push on the destination, pull on a mount source) and uses the token until it
-//! expires. Credentials live in [`Credential`], whose `Debug` hides them, and no error built
-//! here quotes one, nor a token server's or helper's output.
+//! pull and push on the destination, pull on a mount source). The token is used until shortly
+//! before its `expires_in` runs out, and a new one is fetched then, or at once when the
+//! registry answers 401 with a new challenge. A `CNB_REGISTRY_AUTH` `Bearer` token is sent as
+//! is and never exchanged. Credentials live in [`Credential`], whose `Debug` hides them; they
+//! go out in headers marked sensitive, and no error built here quotes one, nor a token
+//! server's or helper's output.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -46,6 +49,30 @@ impl fmt::Debug for Credential {
 impl Credential {
     pub fn basic_header(user: &str, password: &str) -> String {
         format!("Basic {}", BASE64.encode(format!("{user}:{password}")))
+    }
+
+    /// An Authorization header value, marked sensitive (kept out of HTTP logs).
+    /// `what` names the registry, for the error.
+    pub fn sensitive(
+        value: &str,
+        what: &str,
+    ) -> Result<reqwest::header::HeaderValue, RegistryError> {
+        let mut header =
+            reqwest::header::HeaderValue::from_str(value).map_err(|_| RegistryError::Config {
+                what: what.into(),
+                why: "the credential holds characters not allowed in an HTTP header".into(),
+            })?;
+        header.set_sensitive(true);
+        Ok(header)
+    }
+
+    /// The sensitive `Basic` header for a user and password.
+    pub fn sensitive_basic(
+        user: &str,
+        password: &str,
+        what: &str,
+    ) -> Result<reqwest::header::HeaderValue, RegistryError> {
+        Credential::sensitive(&Credential::basic_header(user, password), what)
     }
 }
 
@@ -206,7 +233,10 @@ fn parse_params(text: &str) -> Vec<(String, String)> {
 #[derive(Clone)]
 pub struct Token {
     pub value: String,
+    /// When the token server said it expires (`expires_in` after the request was sent).
     pub expires: Instant,
+    /// How long it was issued for.
+    pub lifetime: Duration,
 }
 
 impl fmt::Debug for Token {
@@ -216,9 +246,11 @@ impl fmt::Debug for Token {
 }
 
 impl Token {
-    /// Still usable for a while (tokens are renewed 10 s before they expire).
+    /// Still usable for a while: a token is renewed when less than a quarter of its lifetime,
+    /// or 10 s, is left, whichever is shorter.
     pub fn is_fresh(&self) -> bool {
-        Instant::now() + Duration::from_secs(10) < self.expires
+        let margin = (self.lifetime / 4).min(Duration::from_secs(10));
+        Instant::now() + margin < self.expires
     }
 }
 
@@ -272,9 +304,10 @@ pub fn fetch_token(
             }
             let request = http.get(url);
             match other {
-                Some(Credential::Basic { user, password }) => {
-                    request.header("Authorization", Credential::basic_header(user, password))
-                }
+                Some(Credential::Basic { user, password }) => request.header(
+                    "Authorization",
+                    Credential::sensitive_basic(user, password, registry)?,
+                ),
                 _ => request,
             }
         }
@@ -319,9 +352,12 @@ pub fn fetch_token(
         .and_then(Value::as_u64)
         .unwrap_or(60)
         .max(1);
+    let lifetime = Duration::from_secs(lifetime);
+    tracing::debug!("{registry}: a token for {} s", lifetime.as_secs());
     Ok(Token {
         value: value.to_string(),
-        expires: started + Duration::from_secs(lifetime),
+        expires: started + lifetime,
+        lifetime,
     })
 }
 
@@ -451,6 +487,20 @@ mod tests {
             err.contains("config.json") && err.contains("not a valid"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tokens_are_renewed_a_quarter_of_their_life_early_at_most_10_s() {
+        let token = |lifetime: u64, left: u64| Token {
+            value: "t".into(),
+            expires: Instant::now() + Duration::from_secs(left),
+            lifetime: Duration::from_secs(lifetime),
+        };
+        assert!(token(300, 20).is_fresh());
+        assert!(!token(300, 9).is_fresh());
+        assert!(token(4, 2).is_fresh());
+        assert!(!token(4, 0).is_fresh());
+        assert!(!token(8, 1).is_fresh() && token(8, 3).is_fresh());
     }
 
     #[test]
