@@ -1,6 +1,10 @@
 //! The registry transport against Debian's docker-registry on 127.0.0.1: round trips with
-//! skopeo as the outside oracle, HEAD-skip and cross-repository mounts, https with a test CA,
-//! basic and token auth, a fault-injecting proxy, and bad input.
+//! skopeo as the outside oracle, HEAD-skip and cross-repository mounts, https with a test CA
+//! (given, or in certs.d), basic and token auth, every credential source (`--creds`,
+//! `CNB_REGISTRY_AUTH`, config.json `auths`, `credHelpers` and `credsStore` with fake
+//! `docker-credential-*` helpers), tokens that expire mid-transfer, a fault-injecting proxy,
+//! and bad input. Runs that handle a credential log at `LATHE_LOG=trace` and are checked for
+//! it.
 
 mod common;
 #[path = "common/registry.rs"]
