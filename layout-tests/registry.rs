@@ -1,11 +1,16 @@
 //! The registry transport against Debian's docker-registry on 127.0.0.1: round trips with
-//! skopeo as the outside oracle, HEAD-skip and cross-repository mounts, https with a test CA,
-//! basic and token auth, a fault-injecting proxy, and bad input.
+//! skopeo as the outside oracle, HEAD-skip and cross-repository mounts, https with a test CA
+//! (given, or in certs.d), basic and token auth, every credential source (`--creds`,
+//! `CNB_REGISTRY_AUTH`, config.json `auths`, `credHelpers` and `credsStore` with fake
+//! `docker-credential-*` helpers), tokens that expire mid-transfer, a fault-injecting proxy,
+//! and bad input. Runs that handle a credential log at `LATHE_LOG=trace` and are checked for
+//! it.
 
 mod common;
 #[path = "common/registry.rs"]
 mod registry_support;
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -18,12 +23,21 @@ use serde_json::Value;
 fn lathe_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let empty = scratch();
     let mut cmd = Command::new(lathe_bin());
-    cmd.args(args)
-        .env("DOCKER_CONFIG", empty.path())
-        .env("XDG_RUNTIME_DIR", empty.path())
+    cmd.args(args);
+    clean_registry_env(&mut cmd, empty.path(), env);
+    cmd.output().expect("run lathe")
+}
+
+/// A registry environment with nothing in it but `env`: DOCKER_CONFIG and XDG_RUNTIME_DIR
+/// point at the empty directory `empty`.
+fn clean_registry_env(cmd: &mut Command, empty: &Path, env: &[(&str, &str)]) {
+    cmd.env("DOCKER_CONFIG", empty)
+        .env("XDG_RUNTIME_DIR", empty)
+        .env("HOME", empty)
         .env_remove("REGISTRY_AUTH_FILE")
         .env_remove("CNB_REGISTRY_AUTH")
-        .env_remove("CNB_INSECURE_REGISTRIES");
+        .env_remove("CNB_INSECURE_REGISTRIES")
+        .env_remove("LATHE_LOG");
     for v in [
         "HTTP_PROXY",
         "HTTPS_PROXY",
@@ -36,7 +50,32 @@ fn lathe_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output().expect("run lathe")
+}
+
+/// Fails when any of `secrets` (or its base64) shows in what lathe printed.
+fn assert_secret_free(out: &Output, secrets: &[&str], what: &str) {
+    let all = format!("{}{}", stderr(out), String::from_utf8_lossy(&out.stdout));
+    for secret in secrets {
+        assert!(!secret.is_empty());
+        assert!(
+            !all.contains(secret) && !all.contains(&b64(secret)),
+            "{what}: a credential shows in lathe's output:\n{all}"
+        );
+    }
+}
+
+/// Runs lathe like [`lathe_env`] with every log on (`LATHE_LOG=trace`, lathe's own and its
+/// HTTP and TLS libraries') and checks that none of `secrets` shows in its output.
+fn lathe_traced(args: &[&str], env: &[(&str, &str)], secrets: &[&str]) -> Output {
+    let mut env = env.to_vec();
+    env.push(("LATHE_LOG", "trace"));
+    let out = lathe_env(args, &env);
+    assert_secret_free(&out, secrets, &args.join(" "));
+    out
+}
+
+fn b64(text: &str) -> String {
+    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, text)
 }
 
 fn lathe_reg(args: &[&str]) -> Output {
@@ -44,11 +83,15 @@ fn lathe_reg(args: &[&str]) -> Output {
 }
 
 fn ok(out: Output, args: &str) -> String {
-    assert!(
-        out.status.success(),
-        "lathe {args} failed: {}",
-        stderr(&out)
-    );
+    if !out.status.success() {
+        // The end of it: traced runs log a great deal.
+        let err = stderr(&out);
+        let lines: Vec<&str> = err.lines().collect();
+        panic!(
+            "lathe {args} failed: {}",
+            lines[lines.len().saturating_sub(60)..].join("\n")
+        );
+    }
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -768,5 +811,648 @@ fn docker_schema2_lists_and_manifests_keep_their_type_and_digests() {
     assert_eq!(
         amd["mediaType"],
         "application/vnd.docker.distribution.manifest.v2+json"
+    );
+}
+
+/// The digest of the OCI layout image at `dir` (ref `x`), as skopeo reads it.
+fn layout_digest(dir: &Path) -> String {
+    skopeo_raw(&format!("oci:{}:x", dir.display())).0
+}
+
+#[test]
+fn cnb_registry_auth_bearer_and_basic_against_token_and_htpasswd_registries() {
+    let tmp = scratch();
+    let (run_digest, _) = skopeo_raw(&fixture("run"));
+
+    // Token auth: a Bearer value is sent as is, and the token server is never asked.
+    let password = "cnb-t0ken-Pa55";
+    let tokens = TokenServer::start(tmp.path(), "carol", password);
+    let reg = TestRegistry::start(RegistryConfig {
+        token: Some((tokens.realm(), tokens.cert.clone())),
+        ..Default::default()
+    });
+    let host = reg.host();
+    let target = format!("docker://{host}/ci/run:v1");
+    let token = tokens.mint(&["repository:ci/run:pull,push"], 300);
+    let basic = b64(&format!("carol:{password}"));
+    let secrets = [password, basic.as_str(), token.as_str()];
+    let bearer_auth = format!(r#"{{"{host}": "Bearer {token}"}}"#);
+    let bearer = [("CNB_REGISTRY_AUTH", bearer_auth.as_str())];
+    let before = tokens.requests.lock().unwrap().len();
+    let report = json(&ok(
+        lathe_traced(
+            &["copy", "--json", &fixture("run"), &target],
+            &bearer,
+            &secrets,
+        ),
+        "push with a Bearer token",
+    ));
+    assert_eq!(report["digest"], run_digest.as_str());
+    let pulled = tmp.path().join("bearer-pull");
+    ok(
+        lathe_traced(
+            &["copy", &target, &format!("oci:{}:x", pulled.display())],
+            &bearer,
+            &secrets,
+        ),
+        "pull with a Bearer token",
+    );
+    assert_eq!(layout_digest(&pulled), run_digest);
+    assert_eq!(
+        tokens.requests.lock().unwrap().len(),
+        before,
+        "a Bearer token from CNB_REGISTRY_AUTH is used as is"
+    );
+    let creds = format!("carol:{password}");
+    assert_eq!(
+        skopeo_digest(&target, &["--tls-verify=false", "--creds", &creds]),
+        run_digest
+    );
+
+    // A token for another repository: refused, clearly, with nothing written.
+    let wrong_token = tokens.mint(&["repository:elsewhere/x:pull"], 300);
+    let wrong_auth = format!(r#"{{"{host}": "Bearer {wrong_token}"}}"#);
+    let denied = tmp.path().join("denied");
+    let out = lathe_traced(
+        &["copy", &target, &format!("oci:{}:x", denied.display())],
+        &[("CNB_REGISTRY_AUTH", &wrong_auth)],
+        &[&wrong_token],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&target) && stderr(&out).contains("authentication failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!denied.exists());
+
+    // A Basic value is exchanged at the token realm, and wins over a config file's entry.
+    let config_dir = tmp.path().join("docker-config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::write(
+        config_dir.join("config.json"),
+        format!(
+            r#"{{"auths": {{"{host}": {{"auth": "{}"}}}}}}"#,
+            b64("carol:not-the-password")
+        ),
+    )
+    .unwrap();
+    let basic_auth = format!(r#"{{"{host}": "Basic {basic}"}}"#);
+    let before = tokens.issued();
+    let basic_target = format!("docker://{host}/ci/basic:v1");
+    let report = json(&ok(
+        lathe_traced(
+            &["copy", "--json", &fixture("run"), &basic_target],
+            &[
+                ("CNB_REGISTRY_AUTH", &basic_auth),
+                ("DOCKER_CONFIG", config_dir.to_str().unwrap()),
+            ],
+            &secrets,
+        ),
+        "push with a Basic CNB_REGISTRY_AUTH to a token registry",
+    ));
+    assert_eq!(report["digest"], run_digest.as_str());
+    assert!(
+        tokens.issued() > before,
+        "the credential went to the token realm"
+    );
+
+    // htpasswd over https: Basic works both ways; Bearer is refused without showing it.
+    let ca = TestCa::create(&tmp.path().join("ca").tap_mkdir());
+    let ht_password = "cnb-ht-Pa55word";
+    let ht = TestRegistry::start(RegistryConfig {
+        tls: Some((ca.server_cert.clone(), ca.server_key.clone())),
+        htpasswd: Some(htpasswd(tmp.path(), "dave", ht_password)),
+        ..Default::default()
+    });
+    let ht_host = ht.host();
+    let ht_basic = b64(&format!("dave:{ht_password}"));
+    let ht_secrets = [ht_password, ht_basic.as_str()];
+    let ht_auth = format!(r#"{{"{ht_host}": "Basic {ht_basic}"}}"#);
+    let ca_arg = ca.ca_cert.to_str().unwrap();
+    let ht_target = format!("docker://{ht_host}/ci/run:v1");
+    let report = json(&ok(
+        lathe_traced(
+            &[
+                "--ca-cert",
+                ca_arg,
+                "copy",
+                "--json",
+                &fixture("run"),
+                &ht_target,
+            ],
+            &[("CNB_REGISTRY_AUTH", &ht_auth)],
+            &ht_secrets,
+        ),
+        "push with a Basic CNB_REGISTRY_AUTH to an htpasswd registry",
+    ));
+    assert_eq!(report["digest"], run_digest.as_str());
+    let pulled = tmp.path().join("basic-pull");
+    ok(
+        lathe_traced(
+            &[
+                "--ca-cert",
+                ca_arg,
+                "copy",
+                &ht_target,
+                &format!("oci:{}:x", pulled.display()),
+            ],
+            &[("CNB_REGISTRY_AUTH", &ht_auth)],
+            &ht_secrets,
+        ),
+        "pull with a Basic CNB_REGISTRY_AUTH from an htpasswd registry",
+    );
+    assert_eq!(layout_digest(&pulled), run_digest);
+    let ht_bearer = format!(r#"{{"{ht_host}": "Bearer {token}"}}"#);
+    let denied = tmp.path().join("ht-denied");
+    let out = lathe_traced(
+        &[
+            "--ca-cert",
+            ca_arg,
+            "copy",
+            &ht_target,
+            &format!("oci:{}:x", denied.display()),
+        ],
+        &[("CNB_REGISTRY_AUTH", &ht_bearer)],
+        &[&token],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("authentication failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!denied.exists());
+}
+
+/// Creates the directory and gives it back.
+trait TapMkdir {
+    fn tap_mkdir(self) -> PathBuf;
+}
+
+impl TapMkdir for PathBuf {
+    fn tap_mkdir(self) -> PathBuf {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+/// A fake `docker-credential-NAME` in `dir`: `get` answers `user`/`secret` for `server` and
+/// "credentials not found" (exit 1) for any other, and appends every server it is asked
+/// about to `dir/NAME.log`, which is returned.
+fn credential_helper(dir: &Path, name: &str, server: &str, user: &str, secret: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let log = dir.join(format!("{name}.log"));
+    let script = format!(
+        r#"#!/bin/sh
+[ "$1" = get ] || exit 2
+server=$(cat)
+printf '%s\n' "$server" >> '{log}'
+if [ "$server" = '{server}' ]; then
+  printf '{{"ServerURL":"%s","Username":"{user}","Secret":"{secret}"}}\n' "$server"
+else
+  echo 'credentials not found in native keychain'
+  exit 1
+fi
+"#,
+        log = log.display()
+    );
+    let path = dir.join(format!("docker-credential-{name}"));
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    log
+}
+
+fn asked(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn docker_config_cred_helpers_and_creds_store_run_docker_credential_helpers() {
+    let tmp = scratch();
+    let bin = tmp.path().join("bin").tap_mkdir();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let (run_digest, _) = skopeo_raw(&fixture("run"));
+
+    // An htpasswd registry over https, a token registry, and an open one.
+    let ca = TestCa::create(&tmp.path().join("ca").tap_mkdir());
+    let ca_arg = ca.ca_cert.to_str().unwrap();
+    let ht_password = "helper-ht-Pa55";
+    let ht = TestRegistry::start(RegistryConfig {
+        tls: Some((ca.server_cert.clone(), ca.server_key.clone())),
+        htpasswd: Some(htpasswd(tmp.path(), "erin", ht_password)),
+        ..Default::default()
+    });
+    let tok_password = "helper-t0ken-Pa55";
+    let tokens = TokenServer::start(tmp.path(), "frank", tok_password);
+    let tok = TestRegistry::start(RegistryConfig {
+        token: Some((tokens.realm(), tokens.cert.clone())),
+        ..Default::default()
+    });
+    let open = TestRegistry::start(RegistryConfig::default());
+    let secrets = [
+        ht_password,
+        tok_password,
+        &b64(&format!("erin:{ht_password}")),
+        &b64(&format!("frank:{tok_password}")),
+    ]
+    .map(str::to_string);
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    let ht_log = credential_helper(&bin, "lathe-ht", &ht.host(), "erin", ht_password);
+    let store_log = credential_helper(&bin, "lathe-store", &tok.host(), "frank", tok_password);
+
+    // credHelpers in the default config.json ($DOCKER_CONFIG): the helper for that registry.
+    let config_dir = tmp.path().join("docker-config").tap_mkdir();
+    std::fs::write(
+        config_dir.join("config.json"),
+        format!(
+            r#"{{"auths": {{"{}": {{}}}}, "credHelpers": {{"{}": "lathe-ht", "other.example": "lathe-absent"}}}}"#,
+            ht.host(),
+            ht.host()
+        ),
+    )
+    .unwrap();
+    let default_config = [
+        ("DOCKER_CONFIG", config_dir.to_str().unwrap()),
+        ("PATH", &path),
+    ];
+    let ht_target = format!("docker://{}/helped/run:v1", ht.host());
+    let report = json(&ok(
+        lathe_traced(
+            &[
+                "--ca-cert",
+                ca_arg,
+                "copy",
+                "--json",
+                &fixture("run"),
+                &ht_target,
+            ],
+            &default_config,
+            &secrets,
+        ),
+        "push with a credHelpers helper",
+    ));
+    assert_eq!(report["digest"], run_digest.as_str());
+    assert_eq!(asked(&ht_log), [ht.host()], "asked once, for its registry");
+    let pulled = tmp.path().join("ht-pull");
+    ok(
+        lathe_traced(
+            &[
+                "--ca-cert",
+                ca_arg,
+                "copy",
+                &ht_target,
+                &format!("oci:{}:x", pulled.display()),
+            ],
+            &default_config,
+            &secrets,
+        ),
+        "pull with a credHelpers helper",
+    );
+    assert_eq!(layout_digest(&pulled), run_digest);
+
+    // credsStore in an --authfile: the store's credential is exchanged at the token realm;
+    // for a registry the store does not know, lathe goes on anonymously.
+    let authfile = tmp.path().join("store.json");
+    std::fs::write(&authfile, r#"{"credsStore": "lathe-store"}"#).unwrap();
+    let authfile_arg = authfile.to_str().unwrap();
+    let tok_target = format!("docker://{}/stored/run:v1", tok.host());
+    let before = tokens.issued();
+    let report = json(&ok(
+        lathe_traced(
+            &[
+                "--authfile",
+                authfile_arg,
+                "copy",
+                "--json",
+                &fixture("run"),
+                &tok_target,
+            ],
+            &[("PATH", &path)],
+            &secrets,
+        ),
+        "push with a credsStore helper",
+    ));
+    assert_eq!(report["digest"], run_digest.as_str());
+    assert!(tokens.issued() > before);
+    let open_target = format!("docker://{}/public/run:v1", open.host());
+    ok(
+        lathe_traced(
+            &[
+                "--authfile",
+                authfile_arg,
+                "copy",
+                &fixture("run"),
+                &open_target,
+            ],
+            &[("PATH", &path)],
+            &secrets,
+        ),
+        "push to a registry the store has nothing for",
+    );
+    assert_eq!(asked(&store_log), [tok.host(), open.host()]);
+
+    // A helper that is not on PATH: an error naming it, exit 1, nothing written anywhere.
+    let missing = tmp.path().join("missing.json");
+    std::fs::write(
+        &missing,
+        format!(
+            r#"{{"credHelpers": {{"{}": "lathe-absent"}}}}"#,
+            open.host()
+        ),
+    )
+    .unwrap();
+    let dest = tmp.path().join("not-written");
+    for args in [
+        vec![
+            "copy".to_string(),
+            format!("docker://{}/public/run:v1", open.host()),
+            format!("oci:{}:x", dest.display()),
+        ],
+        vec![
+            "copy".to_string(),
+            fixture("run"),
+            format!("docker://{}/public/absent:v1", open.host()),
+        ],
+    ] {
+        let mut full = vec!["--authfile", missing.to_str().unwrap()];
+        full.extend(args.iter().map(String::as_str));
+        let out = lathe_traced(&full, &[("PATH", &path)], &secrets);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("docker-credential-lathe-absent")
+                && stderr(&out).contains("not on PATH")
+                && stderr(&out).contains(missing.to_str().unwrap()),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert!(!dest.exists());
+    let out = lathe_reg(&[
+        "inspect",
+        &format!("docker://{}/public/absent:v1", open.host()),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("does not exist") || stderr(&out).contains("no tag"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A helper that fails: named, and its output (which may hold a secret) is not shown.
+    use std::os::unix::fs::PermissionsExt;
+    let broken = bin.join("docker-credential-lathe-broken");
+    std::fs::write(
+        &broken,
+        format!("#!/bin/sh\ncat >/dev/null\necho 'leaked {ht_password}'\necho 'err {ht_password}' >&2\nexit 3\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&missing, r#"{"credsStore": "lathe-broken"}"#).unwrap();
+    let out = lathe_traced(
+        &[
+            "--authfile",
+            missing.to_str().unwrap(),
+            "copy",
+            &format!("docker://{}/public/run:v1", open.host()),
+            &format!("oci:{}:x", dest.display()),
+        ],
+        &[("PATH", &path)],
+        &secrets,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("docker-credential-lathe-broken") && stderr(&out).contains("failed"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dest.exists());
+}
+
+/// Runs lathe in a private mount namespace (in a user namespace, so no privilege is needed)
+/// where `replacement` is bind-mounted over the directory `over`: how the tests put files in
+/// the fixed certs.d locations (`/etc/containers/certs.d`, `/etc/docker/certs.d`) without
+/// touching the host's.
+fn lathe_with_dir_over(
+    over: &Path,
+    replacement: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let empty = scratch();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--user", "--map-root-user", "--mount", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2" && shift 2 && exec "$@""#)
+        .arg("sh")
+        .arg(replacement)
+        .arg(over)
+        .arg(lathe_bin())
+        .args(args);
+    clean_registry_env(&mut cmd, empty.path(), env);
+    cmd.output().expect("run unshare")
+}
+
+#[test]
+fn a_ca_in_certs_d_makes_an_https_registry_trusted() {
+    let tmp = scratch();
+    let ca = TestCa::create(&tmp.path().join("ca").tap_mkdir());
+    let password = "certs-d-Pa55";
+    let reg = TestRegistry::start(RegistryConfig {
+        tls: Some((ca.server_cert.clone(), ca.server_key.clone())),
+        htpasswd: Some(htpasswd(tmp.path(), "gina", password)),
+        ..Default::default()
+    });
+    let host = reg.host();
+    let creds = format!("gina:{password}");
+    let secrets = [password, &b64(&creds)].map(str::to_string);
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    let (run_digest, _) = skopeo_raw(&fixture("run"));
+    let target = format!("docker://{host}/certsd/run:v1");
+
+    // A directory holding certs.d/<host:port>/ca.crt, mounted over /etc/containers.
+    let containers = tmp.path().join("etc-containers").tap_mkdir();
+    let host_dir = containers.join("certs.d").join(&host).tap_mkdir();
+    let push = |over: &Path, replacement: &Path, target: &str| {
+        let out = lathe_with_dir_over(
+            over,
+            replacement,
+            &[
+                "--creds",
+                &creds,
+                "-vv",
+                "copy",
+                "--json",
+                &fixture("run"),
+                target,
+            ],
+            &[("LATHE_LOG", "trace")],
+        );
+        assert_secret_free(&out, &secrets, "push trusting certs.d");
+        out
+    };
+
+    // Without the CA (a certs.d entry for another port), the certificate is refused.
+    let other = containers.join("certs.d").join("127.0.0.1:1").tap_mkdir();
+    std::fs::copy(&ca.ca_cert, other.join("ca.crt")).unwrap();
+    let out = push(Path::new("/etc/containers"), &containers, &target);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("certificate"), "{}", stderr(&out));
+
+    std::fs::copy(&ca.ca_cert, host_dir.join("ca.crt")).unwrap();
+    let out = push(Path::new("/etc/containers"), &containers, &target);
+    assert!(
+        !stderr(&out).contains("plain http"),
+        "https was used: {}",
+        stderr(&out)
+    );
+    let report = json(&ok(out, "push trusting /etc/containers/certs.d"));
+    assert_eq!(report["digest"], run_digest.as_str());
+    assert_eq!(
+        skopeo_digest(
+            &target,
+            &["--cert-dir", host_dir.to_str().unwrap(), "--creds", &creds]
+        ),
+        run_digest
+    );
+
+    // The same through /etc/docker/certs.d, where the host has that directory.
+    if Path::new("/etc/docker").is_dir() {
+        let docker = tmp.path().join("etc-docker").tap_mkdir();
+        let dir = docker.join("certs.d").join(&host).tap_mkdir();
+        std::fs::copy(&ca.ca_cert, dir.join("ca.crt")).unwrap();
+        let target = format!("docker://{host}/certsd/docker:v1");
+        let out = push(Path::new("/etc/docker"), &docker, &target);
+        ok(out, "push trusting /etc/docker/certs.d");
+    } else {
+        eprintln!("no /etc/docker here: only /etc/containers/certs.d was tested");
+    }
+}
+
+/// Pushes and pulls the run image through a proxy that holds every answer back for a while,
+/// so that each takes several token lifetimes, against a token server whose tokens the
+/// registry accepts for `life.valid` seconds. Returns the token server, the proxy's log
+/// (push then pull) and the time each took.
+fn slow_push_and_pull_with(life: TokenLife) -> (TokenServer, Vec<Seen>, Duration, Duration) {
+    let tmp = scratch();
+    let password = "exp1ry-Pa55word";
+    let tokens = TokenServer::start_with(tmp.path(), "hank", password, life);
+    let reg = TestRegistry::start(RegistryConfig {
+        token: Some((tokens.realm(), tokens.cert.clone())),
+        ..Default::default()
+    });
+    let proxy = FaultProxy::start(reg.port, |req| {
+        (req.path() != "/v2/").then_some(Fault::Stall(Duration::from_millis(800)))
+    });
+    let creds = format!("hank:{password}");
+    let secrets = [password, &b64(&creds)].map(str::to_string);
+    let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    let target = format!("docker://{}/slow/run:v1", proxy.host());
+    let (run_digest, _) = skopeo_raw(&fixture("run"));
+
+    let started = std::time::Instant::now();
+    let report = json(&ok(
+        lathe_traced(
+            &[
+                "--creds",
+                &creds,
+                "copy",
+                "--json",
+                &fixture("run"),
+                &target,
+            ],
+            &[],
+            &secrets,
+        ),
+        "slow push with short-lived tokens",
+    ));
+    let push_time = started.elapsed();
+    assert_eq!(report["digest"], run_digest.as_str());
+
+    let pulled = tmp.path().join("pulled");
+    let started = std::time::Instant::now();
+    ok(
+        lathe_traced(
+            &[
+                "--creds",
+                &creds,
+                "copy",
+                &target,
+                &format!("oci:{}:x", pulled.display()),
+            ],
+            &[],
+            &secrets,
+        ),
+        "slow pull with short-lived tokens",
+    );
+    let pull_time = started.elapsed();
+    assert_eq!(layout_digest(&pulled), run_digest);
+    let seen = proxy.seen();
+    eprintln!(
+        "push {push_time:?}, pull {pull_time:?}: {} requests, {} tokens, {} refused",
+        seen.len(),
+        tokens.issued(),
+        unauthorized(&seen)
+    );
+    (tokens, seen, push_time, pull_time)
+}
+
+/// 401 answers to anything but the first ping.
+fn unauthorized(seen: &[Seen]) -> usize {
+    seen.iter()
+        .filter(|s| s.status == Some(401) && s.path() != "/v2/")
+        .count()
+}
+
+#[test]
+fn tokens_are_renewed_before_they_expire_during_a_long_push_and_pull() {
+    // The token server says 2 s; the registry would take them for 5.
+    let (tokens, seen, push, pull) = slow_push_and_pull_with(TokenLife {
+        valid: 5,
+        expires_in: 2,
+    });
+    assert!(
+        push > Duration::from_secs(4) && pull > Duration::from_secs(2),
+        "push {push:?}, pull {pull:?}: not long enough to need renewals"
+    );
+    let issued = tokens.issued();
+    let lifetimes = (push + pull).as_secs_f64() / 2.0;
+    assert!(
+        issued as f64 >= lifetimes,
+        "{issued} tokens over {lifetimes:.1} token lifetimes"
+    );
+    // Each token serves until 1.5 s (three quarters of its 2 s) have passed, not less.
+    let most = ((push + pull).as_secs_f64() / 1.5).floor() as usize + 2;
+    assert!(
+        issued <= most,
+        "{issued} tokens: more than {most} means waste"
+    );
+    assert_eq!(
+        unauthorized(&seen),
+        0,
+        "renewed before expiry, so the registry never refused one: {seen:?}"
+    );
+}
+
+#[test]
+fn a_token_the_registry_rejects_as_expired_is_replaced_and_the_push_goes_on() {
+    // The token server promises 300 s, but the registry rejects its tokens after 3: only the
+    // registry's 401 (with a new challenge) tells lathe to fetch another.
+    let (tokens, seen, push, pull) = slow_push_and_pull_with(TokenLife {
+        valid: 3,
+        expires_in: 300,
+    });
+    assert!(
+        push > Duration::from_secs(4),
+        "push {push:?}, pull {pull:?}: not long enough for a token to expire"
+    );
+    assert!(unauthorized(&seen) >= 1, "no token expired: {seen:?}");
+    assert!(
+        tokens.issued() >= 3,
+        "{} tokens: one per push or pull would mean no renewal",
+        tokens.issued()
     );
 }

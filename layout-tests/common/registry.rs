@@ -358,18 +358,103 @@ impl Drop for Server {
 
 // ------------------------------------------------------------------ token server
 
-/// A token server for `auth: token`: checks basic credentials and signs RS256 JWTs (with
-/// `openssl dgst`) carrying an `x5c` chain of the certificate the registry trusts.
+/// How long the tokens a [`TokenServer`] issues last.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenLife {
+    /// How long the registry accepts a token, in seconds.
+    pub valid: u64,
+    /// The `expires_in` the token server tells the client (the truth, or not).
+    pub expires_in: u64,
+}
+
+impl Default for TokenLife {
+    fn default() -> TokenLife {
+        TokenLife {
+            valid: 300,
+            expires_in: 300,
+        }
+    }
+}
+
+/// docker-registry accepts a JWT until this long after its `exp` (distribution's `Leeway`
+/// for clock skew); short-lived test tokens set `exp` that much earlier.
+pub const REGISTRY_EXP_LEEWAY: u64 = 60;
+
+/// Signs RS256 JWTs (with `openssl dgst`) carrying an `x5c` chain of the certificate the
+/// registry trusts.
+struct TokenSigner {
+    key: PathBuf,
+    x5c: String,
+    user: String,
+    serial: AtomicUsize,
+}
+
+impl TokenSigner {
+    /// A token for `scopes` (`repository:NAME:ACTIONS`) that the registry accepts for
+    /// `valid` seconds from now.
+    fn sign(&self, scopes: &[String], valid: u64) -> String {
+        let access: Vec<serde_json::Value> = scopes
+            .iter()
+            .filter_map(|s| {
+                let mut parts = s.splitn(3, ':');
+                let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+                Some(serde_json::json!({
+                    "type": kind, "name": name,
+                    "actions": actions.split(',').collect::<Vec<_>>(),
+                }))
+            })
+            .collect();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let n = self.serial.fetch_add(1, Ordering::Relaxed);
+        let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [self.x5c]});
+        let claims = serde_json::json!({
+            "iss": TOKEN_ISSUER, "sub": self.user, "aud": TOKEN_SERVICE,
+            "exp": now + valid - REGISTRY_EXP_LEEWAY,
+            "nbf": now - 10, "iat": now, "jti": format!("t{n}-{now}"),
+            "access": access,
+        });
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let mut openssl = Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign", self.key.to_str().unwrap()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        openssl
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(signing_input.as_bytes())
+            .unwrap();
+        let signature = openssl.wait_with_output().unwrap().stdout;
+        format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature))
+    }
+}
+
+/// A token server for `auth: token`: checks basic credentials and signs JWTs the registry
+/// trusts, counting what it is asked.
 pub struct TokenServer {
     pub server: Server,
     pub cert: PathBuf,
     pub issued: Arc<AtomicUsize>,
     /// The scopes asked for, one entry per token request.
     pub requests: Arc<Mutex<Vec<Vec<String>>>>,
+    signer: Arc<TokenSigner>,
 }
 
 impl TokenServer {
     pub fn start(dir: &Path, user: &str, password: &str) -> TokenServer {
+        TokenServer::start_with(dir, user, password, TokenLife::default())
+    }
+
+    pub fn start_with(dir: &Path, user: &str, password: &str, life: TokenLife) -> TokenServer {
         let key = dir.join("token.key");
         let cert = dir.join("token.crt");
         tool(
@@ -395,12 +480,16 @@ impl TokenServer {
             .output()
             .unwrap()
             .stdout;
-        let x5c = STANDARD.encode(der);
+        let signer = Arc::new(TokenSigner {
+            key,
+            x5c: STANDARD.encode(der),
+            user: user.to_string(),
+            serial: AtomicUsize::new(0),
+        });
         let expected = format!("Basic {}", STANDARD.encode(format!("{user}:{password}")));
         let issued = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (issued2, requests2) = (issued.clone(), requests.clone());
-        let user = user.to_string();
+        let (issued2, requests2, signer2) = (issued.clone(), requests.clone(), signer.clone());
         let server = Server::start(move |req, conn| {
             let scopes = req.query("scope");
             requests2.lock().unwrap().push(scopes.clone());
@@ -413,48 +502,10 @@ impl TokenServer {
                 );
                 return;
             }
-            let access: Vec<serde_json::Value> = scopes
-                .iter()
-                .filter_map(|s| {
-                    let mut parts = s.splitn(3, ':');
-                    let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
-                    Some(serde_json::json!({
-                        "type": kind, "name": name,
-                        "actions": actions.split(',').collect::<Vec<_>>(),
-                    }))
-                })
-                .collect();
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_secs();
-            let n = issued2.fetch_add(1, Ordering::Relaxed);
-            let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [x5c]});
-            let claims = serde_json::json!({
-                "iss": TOKEN_ISSUER, "sub": user, "aud": TOKEN_SERVICE,
-                "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("t{n}-{now}"),
-                "access": access,
-            });
-            let signing_input = format!(
-                "{}.{}",
-                URL_SAFE_NO_PAD.encode(header.to_string()),
-                URL_SAFE_NO_PAD.encode(claims.to_string())
-            );
-            let mut openssl = Command::new("openssl")
-                .args(["dgst", "-sha256", "-sign", key.to_str().unwrap()])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            openssl
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(signing_input.as_bytes())
-                .unwrap();
-            let signature = openssl.wait_with_output().unwrap().stdout;
-            let token = format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature));
-            let body = serde_json::json!({"token": token, "expires_in": 300}).to_string();
+            let token = signer2.sign(&scopes, life.valid);
+            issued2.fetch_add(1, Ordering::Relaxed);
+            let body =
+                serde_json::json!({"token": token, "expires_in": life.expires_in}).to_string();
             write_response(
                 conn,
                 "200 OK",
@@ -467,11 +518,23 @@ impl TokenServer {
             cert,
             issued,
             requests,
+            signer,
         }
     }
 
     pub fn realm(&self) -> String {
         format!("{}/token", self.server.url())
+    }
+
+    /// A token for `scopes`, valid for `valid` seconds, made without a request (as a CI
+    /// system hands one to a build in `CNB_REGISTRY_AUTH`); not counted in `issued`.
+    pub fn mint(&self, scopes: &[&str], valid: u64) -> String {
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        self.signer.sign(&scopes, valid)
+    }
+
+    pub fn issued(&self) -> usize {
+        self.issued.load(Ordering::Relaxed)
     }
 }
 
@@ -499,6 +562,8 @@ pub struct Seen {
     pub target: String,
     pub body_len: usize,
     pub fault: Option<Fault>,
+    /// The status answered, when there was an answer.
+    pub status: Option<u16>,
 }
 
 impl Seen {
@@ -529,13 +594,17 @@ impl FaultProxy {
         let decide: Arc<Decide> = Arc::new(decide);
         let server = Server::start(move |req, conn| {
             let fault = decide(&req);
-            log2.lock().unwrap().push(Seen {
-                method: req.method.clone(),
-                target: req.target.clone(),
-                body_len: req.body.len(),
-                fault: fault.clone(),
-            });
-            match fault {
+            let status = |code| {
+                let mut log = log2.lock().unwrap();
+                log.push(Seen {
+                    method: req.method.clone(),
+                    target: req.target.clone(),
+                    body_len: req.body.len(),
+                    fault: fault.clone(),
+                    status: code,
+                });
+            };
+            match fault.clone() {
                 Some(Fault::Status(code)) => {
                     let reason = match code {
                         429 => "Too Many Requests",
@@ -549,13 +618,16 @@ impl FaultProxy {
                     } else {
                         vec![]
                     };
+                    status(Some(code));
                     write_response(conn, &format!("{code} {reason}"), &headers, b"");
                 }
-                Some(Fault::Drop) => {}
+                Some(Fault::Drop) => status(None),
                 other => {
                     let Some((head, mut body)) = forward(upstream_port, &req) else {
+                        status(None);
                         return;
                     };
+                    status(head.split_whitespace().nth(1).and_then(|c| c.parse().ok()));
                     match other {
                         Some(Fault::Stall(d)) => std::thread::sleep(d),
                         Some(Fault::Truncate) => body.truncate(body.len() / 2),

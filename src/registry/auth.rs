@@ -1,27 +1,28 @@
 //! Registry credentials and the auth flows.
 //!
 //! Where credentials come from, first match wins (cli-conventions.md): `--creds`, then
-//! `CNB_REGISTRY_AUTH`, then `--authfile` (or `$DOCKER_CONFIG/config.json`, else
-//! `~/.docker/config.json`, with their `auths`, `credHelpers` and `credsStore` through
-//! `docker-credential-*`, read by the docker_credential crate), then containers' auth.json,
-//! else anonymous.
+//! `CNB_REGISTRY_AUTH`, then `--authfile` alone, or else `$DOCKER_CONFIG/config.json` (else
+//! `~/.docker/config.json`) and then containers' auth.json, each with its `credHelpers`,
+//! `credsStore` and `auths` ([`authfile`](super::authfile)); else anonymous.
 //!
 //! The flows: a `Basic` challenge gets the credential on every request; a `Bearer` challenge
 //! sends the credential to the token realm for the scopes lathe needs (pull on the source,
-//! pull and push on the destination, pull on a mount source) and uses the token until it
-//! expires. Credentials live in [`Credential`], whose `Debug` hides them, and no error built
-//! here quotes one, nor a token server's or helper's output.
+//! pull and push on the destination, pull on a mount source). The token is used until shortly
+//! before its `expires_in` runs out, and a new one is fetched then, or at once when the
+//! registry answers 401 with a new challenge. A `CNB_REGISTRY_AUTH` `Bearer` token is sent as
+//! is and never exchanged. Credentials live in [`Credential`], whose `Debug` hides them; they
+//! go out in headers marked sensitive, and no error built here quotes one, nor a token
+//! server's or helper's output.
 
 use std::fmt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use docker_credential::{CredentialRetrievalError, DockerCredential};
 use serde_json::Value;
 
 use super::RegistryError;
+use super::authfile::{self, is_docker_hub};
 use super::settings::Settings;
 
 /// A credential for one registry.
@@ -49,14 +50,30 @@ impl Credential {
     pub fn basic_header(user: &str, password: &str) -> String {
         format!("Basic {}", BASE64.encode(format!("{user}:{password}")))
     }
-}
 
-/// The docker.io host names that share one credential.
-fn is_docker_hub(host: &str) -> bool {
-    matches!(
-        host,
-        "docker.io" | "index.docker.io" | "registry-1.docker.io"
-    )
+    /// An Authorization header value, marked sensitive (kept out of HTTP logs).
+    /// `what` names the registry, for the error.
+    pub fn sensitive(
+        value: &str,
+        what: &str,
+    ) -> Result<reqwest::header::HeaderValue, RegistryError> {
+        let mut header =
+            reqwest::header::HeaderValue::from_str(value).map_err(|_| RegistryError::Config {
+                what: what.into(),
+                why: "the credential holds characters not allowed in an HTTP header".into(),
+            })?;
+        header.set_sensitive(true);
+        Ok(header)
+    }
+
+    /// The sensitive `Basic` header for a user and password.
+    pub fn sensitive_basic(
+        user: &str,
+        password: &str,
+        what: &str,
+    ) -> Result<reqwest::header::HeaderValue, RegistryError> {
+        Credential::sensitive(&Credential::basic_header(user, password), what)
+    }
 }
 
 /// The credential for `registry` (a host as written in references, `name[:port]`), or `None`
@@ -76,90 +93,32 @@ pub fn credential_for(
     {
         return Ok(Some(found));
     }
-    let keys: Vec<&str> = if is_docker_hub(registry) {
-        vec!["docker.io", "https://index.docker.io/v1/"]
-    } else {
-        vec![registry]
-    };
     if let Some(file) = &settings.authfile {
-        let what = format!("--authfile {}", file.display());
-        for key in &keys {
-            let reader = std::fs::File::open(file).map_err(|e| RegistryError::Config {
-                what: what.clone(),
-                why: e.to_string(),
-            })?;
-            match docker_credential::get_credential_from_reader(reader, key) {
-                Ok(c) => return Ok(Some(from_docker(c))),
-                Err(e) => check_lookup_error(e, &what)?,
+        return authfile::credential_from_file(file, registry);
+    }
+    // The default files: a missing one is skipped, one that is not JSON is warned about and
+    // skipped (as docker does); a helper it names that fails, or a bad entry for this
+    // registry, is an error.
+    for file in [
+        authfile::default_docker_config(),
+        authfile::default_containers_auth(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if !file.is_file() {
+            continue;
+        }
+        match authfile::AuthFile::load(&file) {
+            Ok(config) => {
+                if let Some(found) = config.credential(&file, registry)? {
+                    return Ok(Some(found));
+                }
             }
-        }
-        return Ok(None);
-    }
-    for key in &keys {
-        match docker_credential::get_credential(key) {
-            Ok(c) => return Ok(Some(from_docker(c))),
-            Err(e) => check_lookup_error(e, &docker_config_name())?,
-        }
-    }
-    for key in &keys {
-        match docker_credential::get_podman_credential(key) {
-            Ok(c) => return Ok(Some(from_docker(c))),
-            Err(e) => check_lookup_error(e, "containers auth.json")?,
+            Err(e) => tracing::warn!("{e}; ignoring it"),
         }
     }
     Ok(None)
-}
-
-fn docker_config_name() -> String {
-    match std::env::var_os("DOCKER_CONFIG") {
-        Some(dir) => Path::new(&dir).join("config.json").display().to_string(),
-        None => "~/.docker/config.json".into(),
-    }
-}
-
-fn from_docker(c: DockerCredential) -> Credential {
-    match c {
-        DockerCredential::IdentityToken(t) => Credential::IdentityToken(t),
-        DockerCredential::UsernamePassword(user, password) => Credential::Basic { user, password },
-    }
-}
-
-/// Missing files and missing entries mean "no credential here"; anything else is an error
-/// that names the file or helper (never the helper's output, which may hold a secret).
-fn check_lookup_error(e: CredentialRetrievalError, what: &str) -> Result<(), RegistryError> {
-    let why = match e {
-        CredentialRetrievalError::NoCredentialConfigured
-        | CredentialRetrievalError::ConfigNotFound => return Ok(()),
-        // docker_credential gives this both for a missing file and for bad JSON.
-        CredentialRetrievalError::ConfigReadError => {
-            return match what.strip_prefix("--authfile ") {
-                Some(path) if Path::new(path).exists() => Err(RegistryError::Config {
-                    what: what.into(),
-                    why: "not a valid docker config.json".into(),
-                }),
-                _ => Ok(()),
-            };
-        }
-        CredentialRetrievalError::HelperFailure { helper, .. } => {
-            format!("credential helper docker-credential-{helper} failed")
-        }
-        CredentialRetrievalError::HelperCommunicationError => {
-            "could not run the credential helper".into()
-        }
-        CredentialRetrievalError::MalformedHelperResponse => {
-            "the credential helper's answer is malformed".into()
-        }
-        CredentialRetrievalError::CredentialDecodingError => {
-            "an `auth` entry is not base64 of user:password".into()
-        }
-        CredentialRetrievalError::CredentialMismatchError => {
-            "an `auth` entry does not match its username and password".into()
-        }
-    };
-    Err(RegistryError::Config {
-        what: what.into(),
-        why,
-    })
 }
 
 /// `CNB_REGISTRY_AUTH`: `{"registry.example": "Basic base64(user:pass)" | "Bearer token"}`.
@@ -274,7 +233,10 @@ fn parse_params(text: &str) -> Vec<(String, String)> {
 #[derive(Clone)]
 pub struct Token {
     pub value: String,
+    /// When the token server said it expires (`expires_in` after the request was sent).
     pub expires: Instant,
+    /// How long it was issued for.
+    pub lifetime: Duration,
 }
 
 impl fmt::Debug for Token {
@@ -284,9 +246,11 @@ impl fmt::Debug for Token {
 }
 
 impl Token {
-    /// Still usable for a while (tokens are renewed 10 s before they expire).
+    /// Still usable for a while: a token is renewed when less than a quarter of its lifetime,
+    /// or 10 s, is left, whichever is shorter.
     pub fn is_fresh(&self) -> bool {
-        Instant::now() + Duration::from_secs(10) < self.expires
+        let margin = (self.lifetime / 4).min(Duration::from_secs(10));
+        Instant::now() + margin < self.expires
     }
 }
 
@@ -340,9 +304,10 @@ pub fn fetch_token(
             }
             let request = http.get(url);
             match other {
-                Some(Credential::Basic { user, password }) => {
-                    request.header("Authorization", Credential::basic_header(user, password))
-                }
+                Some(Credential::Basic { user, password }) => request.header(
+                    "Authorization",
+                    Credential::sensitive_basic(user, password, registry)?,
+                ),
                 _ => request,
             }
         }
@@ -387,9 +352,12 @@ pub fn fetch_token(
         .and_then(Value::as_u64)
         .unwrap_or(60)
         .max(1);
+    let lifetime = Duration::from_secs(lifetime);
+    tracing::debug!("{registry}: a token for {} s", lifetime.as_secs());
     Ok(Token {
         value: value.to_string(),
-        expires: started + Duration::from_secs(lifetime),
+        expires: started + lifetime,
+        lifetime,
     })
 }
 
@@ -519,6 +487,20 @@ mod tests {
             err.contains("config.json") && err.contains("not a valid"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tokens_are_renewed_a_quarter_of_their_life_early_at_most_10_s() {
+        let token = |lifetime: u64, left: u64| Token {
+            value: "t".into(),
+            expires: Instant::now() + Duration::from_secs(left),
+            lifetime: Duration::from_secs(lifetime),
+        };
+        assert!(token(300, 20).is_fresh());
+        assert!(!token(300, 9).is_fresh());
+        assert!(token(4, 2).is_fresh());
+        assert!(!token(4, 0).is_fresh());
+        assert!(!token(8, 1).is_fresh() && token(8, 3).is_fresh());
     }
 
     #[test]

@@ -332,7 +332,7 @@ impl Registry {
     /// The Authorization header for the next request, fetching a token if needed.
     fn authorization(&self) -> Result<Option<HeaderValue>, RegistryError> {
         if let Some(Credential::Bearer(token)) = &self.credential {
-            return Ok(HeaderValue::from_str(&format!("Bearer {token}")).ok());
+            return Credential::sensitive(&format!("Bearer {token}"), &self.name).map(Some);
         }
         let mut state = self.auth.lock().expect("auth lock");
         let value = match &mut *state {
@@ -362,16 +362,11 @@ impl Registry {
                 format!("Bearer {}", token.as_ref().expect("just set").value)
             }
         };
-        let mut header = HeaderValue::from_str(&value).map_err(|_| RegistryError::Config {
-            what: self.name.clone(),
-            why: "the credential holds characters not allowed in a header".into(),
-        })?;
-        header.set_sensitive(true);
-        Ok(Some(header))
+        Credential::sensitive(&value, &self.name).map(Some)
     }
 
     /// After a 401: learn the challenge, drop a stale token. False when trying again cannot
-    /// help (no credential for a basic challenge).
+    /// help (no credential for a basic challenge, or a bearer token given as is).
     fn reauthenticate(&self, response: &Response) -> bool {
         let challenge = response
             .headers()
@@ -391,7 +386,8 @@ impl Registry {
                     service,
                     token: None,
                 };
-                true
+                // A token given as is (CNB_REGISTRY_AUTH) cannot be renewed.
+                !matches!(self.credential, Some(Credential::Bearer(_)))
             }
             None => false,
         }

@@ -6,8 +6,11 @@
 //!   `--ca-cert`, `--insecure-registry`, `CNB_REGISTRY_AUTH`, `CNB_INSECURE_REGISTRIES`,
 //!   certs.d) and the timeout, set once per process by the CLI.
 //! - [`auth`]: where credentials come from, and the anonymous, basic and bearer-token flows
-//!   (`WWW-Authenticate` challenges, pull/push/mount scopes, a token cache with refresh).
-//!   Credentials are kept in types whose `Debug` hides them and are never put in an error.
+//!   (`WWW-Authenticate` challenges, pull/push/mount scopes, a token cache renewed before it
+//!   expires and after a 401). Credentials are kept in types whose `Debug` hides them, sent in
+//!   headers marked sensitive, and never put in an error.
+//! - [`authfile`]: docker config.json and containers auth.json (`auths`, `credHelpers`,
+//!   `credsStore`) and the `docker-credential-*` helpers they name.
 //! - [`client`]: one registry host: https with http fallback for loopback and insecure
 //!   registries, retries with backoff on 5xx, 429 and dropped connections for the steps that
 //!   may be repeated, and the distribution calls (manifests with their digests verified,
@@ -21,6 +24,7 @@
 //! manifest types and holds whole layers in memory when pushing an image.
 
 pub mod auth;
+pub mod authfile;
 pub mod client;
 pub mod settings;
 pub mod transport;
