@@ -179,8 +179,10 @@ pub enum BuilderCommand {
                       ([build] image) with a layer per buildpack ([[buildpacks]] uri = a \
                       directory, a .cnb file or an image) and a layer with /cnb/order.toml, \
                       /cnb/run.toml, /cnb/stack.toml, /cnb/build-config/env, /workspace, /layers \
-                      and /platform. Several platforms (--platform or [[targets]]) give one \
-                      image each and an index. The builder carries no launcher yet."
+                      and /platform, and the CNB launcher at /cnb/lifecycle/launcher (lathe's own, \
+                      or --launcher; none when builder.toml names a [lifecycle] and no \
+                      --launcher is given). Several platforms (--platform or [[targets]]) give \
+                      one image each and an index."
     )]
     Create(BuilderCreateArgs),
 }
@@ -216,6 +218,10 @@ pub struct BuilderCreateArgs {
     /// comma-separated) [default: builder.toml's [[targets]], else the build image's platform]
     #[arg(long, value_name = "PLATFORM", value_delimiter = ',', value_parser = parse_platform)]
     pub platform: Vec<Platform>,
+    /// The launcher (/cnb/lifecycle/launcher) for PLATFORM, instead of lathe's own (repeatable;
+    /// required for platforms other than linux/amd64 and linux/arm64)
+    #[arg(long, value_name = "PLATFORM=PATH", value_parser = crate::launcher::parse_launcher_arg)]
+    pub launcher: Vec<(Platform, PathBuf)>,
     /// Print the result (digest, platforms, buildpacks) as JSON on stdout
     #[arg(long)]
     pub json: bool,
@@ -636,6 +642,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 config: args.config,
                 platforms: args.platform,
                 output: args.output.clone(),
+                launchers: args.launcher,
             };
             let progress = Progress::for_stderr(cli.global.quiet);
             let report = crate::distribution::create_builder(&request, &progress)?;

@@ -29,8 +29,9 @@ use serde_json::{Value, json};
 
 use crate::content::{self, Kind};
 use crate::image::{self, ImageError, ImageSource};
+use crate::launcher::{self, LauncherSource};
 use crate::layer::LayerCompression;
-use crate::layer::cnb::{CnbLayerWriter, Owner};
+use crate::layer::cnb::{CnbLayerWriter, LAUNCHER_PATH, Owner};
 use crate::lifecycle::descriptor::{self, Buildpack, OrderEntry, Target};
 use crate::lifecycle::{ApiVersion, BUILDPACK_APIS, LifecycleError, PLATFORM_API, escape_id};
 use crate::platform::Platform;
@@ -60,6 +61,14 @@ pub enum DistributionError {
     Io { what: String, source: io::Error },
     #[error("{what} is not yet supported")]
     NotYetSupported { what: String },
+    #[error(transparent)]
+    Launcher(Box<crate::launcher::LauncherError>),
+}
+
+impl From<crate::launcher::LauncherError> for DistributionError {
+    fn from(e: crate::launcher::LauncherError) -> Self {
+        DistributionError::Launcher(Box::new(e))
+    }
 }
 
 fn invalid(what: impl Display, why: impl Into<String>) -> DistributionError {
@@ -98,6 +107,8 @@ pub struct BuilderRequest {
     /// it is an index).
     pub platforms: Vec<Platform>,
     pub output: ImageRef,
+    /// `--launcher PLATFORM=PATH`: the launcher for a platform instead of lathe's own.
+    pub launchers: Vec<(Platform, PathBuf)>,
 }
 
 /// What was written.
@@ -1801,10 +1812,6 @@ pub fn create_builder(
             "{what}: [lifecycle] is ignored: lathe runs the buildpacks with its own lifecycle"
         ));
     }
-    notes.push(
-        "the builder carries no launcher (/cnb/lifecycle/launcher): that is not yet supported"
-            .into(),
-    );
     let stack = config.stack.unwrap_or_default();
     let build = config.build.unwrap_or_default();
     let build_image = build
@@ -1896,6 +1903,7 @@ pub fn create_builder(
         vec![build_image_platform(&assembly, build_input, &mut notes)?]
     };
     check_linux(&platforms)?;
+    launcher::check_flags(&request.launchers, &platforms)?;
 
     let mut children = Vec::new();
     let mut names = Vec::new();
@@ -1953,6 +1961,30 @@ pub fn create_builder(
         let mut layers: Vec<Descriptor> = base_image.manifest.layers().to_vec();
         let mut diff_ids = Vec::new();
         let mut history = Vec::new();
+        // The launcher: the --launcher file, else lathe's own; none when builder.toml names a
+        // lifecycle (which lathe does not fetch) and no --launcher is given.
+        let flag = launcher::flag_for(&request.launchers, platform);
+        if config.lifecycle.is_some() && flag.is_none() {
+            notes.push(format!(
+                "the {platform} builder carries no launcher (/cnb/lifecycle/launcher): \
+                 {what} names a lifecycle, which lathe does not fetch (give --launcher \
+                 {platform}=PATH to add one)"
+            ));
+        } else {
+            let chosen = launcher::choose_launcher(platform, flag, None)?;
+            let (blob, diff_id) = assembly
+                .staging
+                .write_layer("the launcher layer", |w| w.add_launcher(&chosen.bytes))?;
+            layers.push(blob);
+            diff_ids.push(diff_id);
+            history.push(match chosen.source {
+                LauncherSource::Lathe => format!(
+                    "lathe builder create: lathe {} launcher at {LAUNCHER_PATH}",
+                    env!("CARGO_PKG_VERSION")
+                ),
+                _ => format!("lathe builder create: --launcher {platform} at {LAUNCHER_PATH}"),
+            });
+        }
         for (blob, diff_id, name) in modules.layers() {
             layers.push(blob);
             diff_ids.push(diff_id);

@@ -12,6 +12,7 @@ pub mod distribution;
 pub mod idmap;
 pub mod image;
 pub mod inspect;
+pub mod launcher;
 pub mod layer;
 pub mod layout;
 pub mod lifecycle;

@@ -251,6 +251,14 @@ impl<W: Write> CnbLayerWriter<W> {
         self.write_header(&entry)
     }
 
+    /// The lifecycle's launcher layer entries with the launcher given as bytes (lathe's own
+    /// is embedded): the same tar as [`write_launcher_layer`] of a file holding them.
+    pub fn add_launcher(&mut self, launcher: &[u8]) -> io::Result<()> {
+        self.add_dir("/cnb", 0o755, Owner::ROOT)?;
+        self.add_dir("/cnb/lifecycle", 0o755, Owner::ROOT)?;
+        self.add_file(LAUNCHER_PATH, 0o755, Owner::ROOT, launcher)
+    }
+
     /// Ends the archive (two zero blocks, as Go's `Close`), flushes the compressor and returns
     /// the layer's diffID, digest, size and media type with the output.
     pub fn finish(mut self) -> io::Result<(WrittenLayer, W)> {
@@ -955,6 +963,11 @@ mod tests {
             ]
         );
         assert_eq!(&tar[3 * BLOCK..3 * BLOCK + 10], b"#!launcher");
+        let from_bytes = tar_of(|w| w.add_launcher(b"#!launcher"));
+        assert_eq!(
+            from_bytes, tar,
+            "the same layer from bytes as from the file"
+        );
     }
 
     #[test]
