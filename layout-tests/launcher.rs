@@ -20,9 +20,10 @@ use lathe::launcher::{
 use lathe::platform::Platform;
 
 /// The process types of testdata/launcher/main, plus one the metadata does not have.
-const LINKS: [&str; 11] = [
+const LINKS: [&str; 12] = [
     "env",
     "execd-fails",
+    "execd-garbage",
     "exit",
     "multi",
     "one-new",
@@ -278,6 +279,19 @@ fn cases() -> Vec<Case> {
             ..case(
                 "a failing exec.d program stops the launch",
                 &["/cnb/process/execd-fails"],
+                "",
+            )
+        },
+        Case {
+            code: 82,
+            stderr: &[
+                "ERROR: failed to launch: exec.d: failed to execute exec.d file at path \
+                 '/layers/test_second/c/exec.d/execd-garbage/40-garbage': decoding its output: \
+                 line 2: expected \"=\" after the key",
+            ],
+            ..case(
+                "exec.d output that is not TOML stops the launch",
+                &["/cnb/process/execd-garbage"],
                 "",
             )
         },
