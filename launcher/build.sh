@@ -16,6 +16,11 @@
 # this script into a temporary directory and requires the same bytes as launcher/bin, so the
 # committed binaries are provably this source's. After changing launcher/src, run it and
 # commit launcher/bin with the change.
+#
+# The bytes also depend on the toolchain and on the static C library linked in. The committed
+# ones come from Debian 12 packages rustc 1.63.0+dfsg1-2, libc6-dev 2.36-9+deb12u14,
+# libc6-dev-arm64-cross 2.36-8cross1, gcc-12 12.2.0-14+deb12u1 (cross: 12.2.0-14cross1) and
+# binutils 2.40-2: when a Debian update changes one of them, rebuild and commit.
 set -euo pipefail
 export LC_ALL=C
 umask 022

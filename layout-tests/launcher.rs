@@ -578,7 +578,8 @@ fn build_sh_rebuilds_the_committed_launchers_byte_for_byte() {
         assert!(
             rebuilt == committed,
             "{name}: launcher/build.sh gives sha256 {} but launcher/bin/{name} is {}: run \
-             launcher/build.sh and commit launcher/bin",
+             launcher/build.sh and commit launcher/bin (a Debian update of the toolchain or of \
+             libc6-dev changes the bytes too: see the versions in launcher/build.sh)",
             sha256_hex(&rebuilt),
             sha256_hex(&committed)
         );
