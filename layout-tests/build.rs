@@ -16,7 +16,6 @@ use std::process::Output;
 use common::*;
 use serde_json::{Value, json};
 
-
 /// One test's world-readable copy of lathe, the fixture images, the testdata buildpacks and
 /// apps, and a world-writable store.
 struct World {
@@ -40,7 +39,8 @@ impl World {
         fs::create_dir(dir.path().join("store")).unwrap();
         fs::create_dir(dir.path().join("out")).unwrap();
         tool("chmod", &["-R", "a+rX", dir.path().to_str().unwrap()]);
-        for writable in ["store", "out"] {
+        // A new layout is staged beside its directory, so the world itself is writable too.
+        for writable in ["store", "out", ""] {
             fs::set_permissions(dir.path().join(writable), fs::Permissions::from_mode(0o777))
                 .unwrap();
         }

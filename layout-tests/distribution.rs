@@ -640,7 +640,7 @@ fn a_builder_is_the_build_image_plus_buildpacks_and_cnb_configuration() {
         err.contains("note:") && err.contains("[lifecycle] is ignored"),
         "{err}"
     );
-    assert!(err.contains("no launcher"), "{err}");
+    assert!(!err.contains("no launcher"), "{err}");
     assert_eq!(
         report["buildpacks"],
         serde_json::json!(["test/dep@1.0.0", "test/hello@0.0.1"])
@@ -671,8 +671,8 @@ fn a_builder_is_the_build_image_plus_buildpacks_and_cnb_configuration() {
     assert_eq!(&layers[..base_layers.len()], &base_layers[..]);
     assert_eq!(
         layers.len(),
-        base_layers.len() + 3,
-        "two buildpacks and /cnb"
+        base_layers.len() + 4,
+        "the launcher, two buildpacks and /cnb"
     );
 
     let metadata = label(&config, "io.buildpacks.builder.metadata");
@@ -775,7 +775,128 @@ optional = true
         rootfs.join("bin/bash-static").is_file(),
         "the build image's files"
     );
-    assert!(!rootfs.join("cnb/lifecycle/launcher").exists());
+    assert!(
+        rootfs.join("cnb/lifecycle/launcher").is_file(),
+        "lathe's own launcher"
+    );
+}
+
+/// Each platform's builder carries lathe's launcher for that platform at
+/// /cnb/lifecycle/launcher (root-owned, 0755), [lifecycle] in builder.toml or not; `--launcher
+/// PLATFORM=PATH` replaces it for that platform; a launcher for
+/// another machine is refused naming the file, and the destination is not made.
+#[test]
+fn a_builder_carries_a_launcher_for_each_platform() {
+    let tmp = scratch();
+    builder_inputs(tmp.path());
+    let with_lifecycle = write_builder_toml(tmp.path(), ORDER, BUILDPACKS);
+    let builder_toml = tmp.path().join("no-lifecycle.toml");
+    let text = fs::read_to_string(&with_lifecycle).unwrap();
+    let without = text.replace("[lifecycle]\nversion = \"0.20.0\"\n", "");
+    assert_ne!(text, without);
+    fs::write(&builder_toml, without).unwrap();
+    let lathes = |arch: &str| fs::read(repo_root().join(format!("launcher/bin/launcher-{arch}")));
+    let launcher_of = |layout: &Path, arch: &str| -> (Vec<u8>, u32, (u64, u64)) {
+        let rootfs = tmp.path().join(format!("rootfs-{arch}"));
+        let _ = fs::remove_dir_all(&rootfs);
+        lathe_ok(&[
+            "unpack",
+            "--platform",
+            &format!("linux/{arch}"),
+            &format!("oci:{}:builder", layout.display()),
+            path_str(&rootfs),
+        ]);
+        let path = rootfs.join("cnb/lifecycle/launcher");
+        let bytes = fs::read(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().mode() & 0o7777;
+        (bytes, mode, owner(&path))
+    };
+    let create = |config: &Path, layout: &Path, extra: &[&str]| {
+        let output = format!("oci:{}:builder", layout.display());
+        let mut args = vec!["builder", "create", "--config", path_str(config)];
+        args.extend(["--platform", "linux/amd64,linux/arm64", "--output", &output]);
+        args.extend(extra);
+        lathe_json(&args)
+    };
+
+    let layout = tmp.path().join("lathes");
+    let (report, err) = create(&builder_toml, &layout, &[]);
+    assert!(!err.contains("no launcher"), "{err}");
+    let (again, _) = create(&builder_toml, &tmp.path().join("again"), &[]);
+    assert_eq!(digest_of(&report), digest_of(&again), "reproducible");
+    for arch in ["amd64", "arm64"] {
+        let (bytes, mode, owner) = launcher_of(&layout, arch);
+        assert!(
+            bytes == lathes(arch).unwrap(),
+            "{arch}: not lathe's launcher"
+        );
+        assert_eq!((mode, owner), (0o755, (0, 0)), "{arch}");
+        let (config, _) = skopeo_config(&format!("oci:{}:builder-linux-{arch}", layout.display()));
+        let history: Vec<&str> = config["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|h| h["created_by"].as_str())
+            .collect();
+        assert!(
+            history.contains(
+                &format!(
+                    "lathe builder create: lathe {} launcher at /cnb/lifecycle/launcher",
+                    env!("CARGO_PKG_VERSION")
+                )
+                .as_str()
+            ),
+            "{history:?}"
+        );
+    }
+
+    // A launcher of one's own for arm64 (still an aarch64 ELF file, with a byte more), given
+    // where builder.toml names a lifecycle: amd64 keeps lathe's own.
+    let own = tmp.path().join("my-launcher");
+    let mut own_bytes = lathes("arm64").unwrap();
+    own_bytes.push(0);
+    fs::write(&own, &own_bytes).unwrap();
+    let flag = format!("linux/arm64={}", own.display());
+    let layout = tmp.path().join("own");
+    let (_, err) = create(&with_lifecycle, &layout, &["--launcher", &flag]);
+    assert!(err.contains("[lifecycle] is ignored"), "{err}");
+    assert!(launcher_of(&layout, "arm64").0 == own_bytes);
+    assert!(launcher_of(&layout, "amd64").0 == lathes("amd64").unwrap());
+
+    // The amd64 launcher given for arm64, and a platform the builder is not made for.
+    let amd64 = tmp.path().join("launcher-amd64");
+    fs::write(&amd64, lathes("amd64").unwrap()).unwrap();
+    for (flag, needle) in [
+        (
+            format!("linux/arm64={}", amd64.display()),
+            format!(
+                "{} is a launcher for linux/amd64 (ELF machine 62), not for linux/arm64 (ELF \
+                 machine 183)",
+                amd64.display()
+            ),
+        ),
+        (
+            format!("linux/s390x={}", amd64.display()),
+            "the image is made for linux/amd64, linux/arm64 only".to_string(),
+        ),
+    ] {
+        let refused = tmp.path().join("refused");
+        let out = lathe(&[
+            "builder",
+            "create",
+            "--config",
+            path_str(&builder_toml),
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--launcher",
+            &flag,
+            "--output",
+            &format!("oci:{}:builder", refused.display()),
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains(&needle), "{}", stderr(&out));
+        assert!(!refused.exists());
+    }
 }
 
 #[test]

@@ -14,8 +14,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use registry_support::{FaultProxy, RegistryConfig, TestRegistry};
 use common::*;
+use registry_support::{FaultProxy, RegistryConfig, TestRegistry};
 use serde_json::Value;
 
 /// A world-readable scratch directory holding copies of the testdata buildpacks and apps.
@@ -286,8 +286,6 @@ fn the_config_and_labels_follow_the_lifecycle() {
             "validate",
             "--type",
             "image",
-            "--ref",
-            "app",
             world.path("out").to_str().unwrap(),
         ],
     );
@@ -417,9 +415,10 @@ fn a_rebuild_sends_only_what_changed_to_the_registry() {
     let changed = world.build(&app, "static-site", &image, &[]);
     assert_ne!(built_digest(&changed), first_digest);
     // The site layer and the app layer both hold the new file (the buildpack copies public/),
-    // the label of the site layer changes with it (files = 3), so: site layer, app layer,
-    // config. Nothing else.
-    assert_eq!(uploads(&proxy), 3, "{:#?}", proxy.seen());
+    // and the buildpack's label (files = 3) is in metadata.toml, the launcher config layer: so
+    // the site layer, the app layer, the launcher config layer and the image config. Nothing
+    // else (not the run image's layers, the SBOM, the launcher or the process types).
+    assert_eq!(uploads(&proxy), 4, "{:#?}", proxy.seen());
     let manifests = proxy
         .seen()
         .iter()
@@ -458,7 +457,7 @@ fn bad_input_is_named_and_leaves_the_destination_alone() {
         &world.path("apps/site"),
         "static-site",
         &image,
-        &[&format!("--launcher={}", missing.display())],
+        &[&format!("--launcher=linux/amd64={}", missing.display())],
     );
     assert_eq!(
         no_launcher.status.code(),
@@ -480,6 +479,8 @@ fn bad_input_is_named_and_leaves_the_destination_alone() {
     assert!(err.contains("nope") && err.contains("web"), "{err}");
     assert_eq!(snapshot(&out_dir), before, "the layout changed");
 
+    let own_store = scratch();
+    tool("chmod", &["777", own_store.path().to_str().unwrap()]);
     let unwritable = world.path("read-only");
     fs::create_dir(&unwritable).unwrap();
     fs::set_permissions(&unwritable, fs::Permissions::from_mode(0o555)).unwrap();
@@ -496,7 +497,7 @@ fn bad_input_is_named_and_leaves_the_destination_alone() {
         world.path("buildpacks/static-site").display()
     ))
     .arg(format!("--output=oci:{}/layout:app", unwritable.display()))
-    .arg(format!("--store={}", world.path("store").display()))
+    .arg(format!("--store={}", own_store.path().display()))
     .output()
     .unwrap();
     assert_eq!(denied.status.code(), Some(62), "{}", report(&denied));

@@ -142,8 +142,9 @@ pub struct BuildRequest {
     pub clear_cache: bool,
     /// The process the image starts by default (default: the buildpacks').
     pub default_process: Option<String>,
-    /// A launcher to put into the image instead of the builder's or lathe's own.
-    pub launcher: Option<PathBuf>,
+    /// `--launcher PLATFORM=PATH`: launchers to put into the image instead of the builder's
+    /// or lathe's own.
+    pub launchers: Vec<(Platform, PathBuf)>,
     /// `SOURCE_DATE_EPOCH`: the image's `created` time, in seconds.
     pub source_date_epoch: Option<String>,
     /// No progress output while writing the image.
@@ -728,7 +729,8 @@ struct ExportInputs<'a> {
     workspace: &'a Path,
     owner: (u32, u32),
     run_image: OpenedRunImage,
-    /// Where the builder keeps its launcher (used when it has one and no --launcher is given).
+    /// Where the builder keeps its launcher (used when it has one and no --launcher is given;
+    /// lathe's own otherwise).
     builder_launcher: &'a Path,
     /// Where the image's blobs are staged.
     staging: &'a Path,
@@ -742,16 +744,15 @@ fn export_and_write(
     notes: &mut Vec<String>,
 ) -> Result<ImageSummary, BuildError> {
     let export_error = |e: crate::export::ExportError| BuildError::Export(e.to_string());
-    let launcher = match &request.launcher {
-        Some(path) => path.clone(),
-        None if inputs.builder_launcher.is_file() => inputs.builder_launcher.to_path_buf(),
-        None => {
-            return Err(BuildError::Export(format!(
-                "the builder has no launcher ({}) and none was given with --launcher",
-                inputs.builder_launcher.display()
-            )));
-        }
-    };
+    let platform = inputs.run_image.image.platform.clone();
+    crate::launcher::check_flags(&request.launchers, std::slice::from_ref(&platform))
+        .map_err(|e| BuildError::Usage(e.to_string()))?;
+    let launcher = crate::launcher::choose_launcher(
+        &platform,
+        crate::launcher::flag_for(&request.launchers, &platform),
+        Some(inputs.builder_launcher).filter(|path| path.is_file()),
+    )
+    .map_err(|e| BuildError::Export(e.to_string()))?;
     let run = inputs.run_image;
     let (run_toml_image, run_toml_mirrors) = match run.run_toml {
         Some((image, mirrors)) => (Some(image), mirrors),
@@ -780,7 +781,7 @@ fn export_and_write(
             run_toml_image,
             run_toml_mirrors,
         },
-        launcher: &launcher,
+        launcher: &launcher.bytes,
         launcher_version: crate::export::launcher_version(),
         project_metadata: project
             .map(Project::source_metadata)

@@ -179,8 +179,9 @@ pub enum BuilderCommand {
                       ([build] image) with a layer per buildpack ([[buildpacks]] uri = a \
                       directory, a .cnb file or an image) and a layer with /cnb/order.toml, \
                       /cnb/run.toml, /cnb/stack.toml, /cnb/build-config/env, /workspace, /layers \
-                      and /platform. Several platforms (--platform or [[targets]]) give one \
-                      image each and an index. The builder carries no launcher yet."
+                      and /platform, and the CNB launcher at /cnb/lifecycle/launcher (lathe's own, \
+                      or --launcher). Several platforms (--platform or [[targets]]) give \
+                      one image each and an index."
     )]
     Create(BuilderCreateArgs),
 }
@@ -216,6 +217,10 @@ pub struct BuilderCreateArgs {
     /// comma-separated) [default: builder.toml's [[targets]], else the build image's platform]
     #[arg(long, value_name = "PLATFORM", value_delimiter = ',', value_parser = parse_platform)]
     pub platform: Vec<Platform>,
+    /// The launcher (/cnb/lifecycle/launcher) for PLATFORM, instead of lathe's own (repeatable;
+    /// required for platforms other than linux/amd64 and linux/arm64)
+    #[arg(long, value_name = "PLATFORM=PATH", value_parser = crate::launcher::parse_launcher_arg)]
+    pub launcher: Vec<(Platform, PathBuf)>,
     /// Print the result (digest, platforms, buildpacks) as JSON on stdout
     #[arg(long)]
     pub json: bool,
@@ -335,9 +340,10 @@ pub struct BuildArgs {
     /// Another name for the image (repeatable)
     #[arg(long, value_name = "REF", value_parser = parse_ref)]
     pub tag: Vec<ImageRef>,
-    /// The launcher to put into the image (default: the builder's)
-    #[arg(long, value_name = "PATH")]
-    pub launcher: Option<PathBuf>,
+    /// The launcher (/cnb/lifecycle/launcher) for PLATFORM, instead of the builder's or
+    /// lathe's own (repeatable)
+    #[arg(long, value_name = "PLATFORM=PATH", value_parser = crate::launcher::parse_launcher_arg)]
+    pub launcher: Vec<(Platform, PathBuf)>,
     /// Print the result (group, layers, processes, image digest) as JSON on stdout
     #[arg(long)]
     pub json: bool,
@@ -645,6 +651,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 config: args.config,
                 platforms: args.platform,
                 output: args.output.clone(),
+                launchers: args.launcher,
             };
             let progress = Progress::for_stderr(cli.global.quiet);
             let report = crate::distribution::create_builder(&request, &progress)?;
@@ -759,7 +766,7 @@ fn build_command(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
         cache_dir: args.cache_dir.clone(),
         clear_cache: args.clear_cache,
         default_process: args.default_process.clone(),
-        launcher: args.launcher.clone(),
+        launchers: args.launcher.clone(),
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok(),
         quiet: quiet || args.json,
     };

@@ -27,7 +27,8 @@ use serde_json::{Value, json};
 
 use crate::content::{self, Kind};
 use crate::image::{self, ImageError};
-use crate::layer::cnb::{CnbLayerWriter, Owner};
+use crate::launcher::{self, LauncherSource};
+use crate::layer::cnb::{CnbLayerWriter, LAUNCHER_PATH, Owner};
 use crate::lifecycle::descriptor::{self, Buildpack, OrderEntry, Target};
 use crate::lifecycle::{ApiVersion, BUILDPACK_APIS, LifecycleError, PLATFORM_API, escape_id};
 use crate::platform::Platform;
@@ -57,6 +58,14 @@ pub enum DistributionError {
     Io { what: String, source: io::Error },
     #[error("{what} is not yet supported")]
     NotYetSupported { what: String },
+    #[error(transparent)]
+    Launcher(Box<crate::launcher::LauncherError>),
+}
+
+impl From<crate::launcher::LauncherError> for DistributionError {
+    fn from(e: crate::launcher::LauncherError) -> Self {
+        DistributionError::Launcher(Box::new(e))
+    }
 }
 
 fn invalid(what: impl Display, why: impl Into<String>) -> DistributionError {
@@ -95,6 +104,8 @@ pub struct BuilderRequest {
     /// it is an index).
     pub platforms: Vec<Platform>,
     pub output: ImageRef,
+    /// `--launcher PLATFORM=PATH`: the launcher for a platform instead of lathe's own.
+    pub launchers: Vec<(Platform, PathBuf)>,
 }
 
 /// What was written.
@@ -1638,13 +1649,9 @@ pub fn create_builder(
     }
     if config.lifecycle.is_some() {
         notes.push(format!(
-            "{what}: [lifecycle] is ignored: lathe runs the buildpacks with its own lifecycle"
+            "{what}: [lifecycle] is ignored: lathe runs the buildpacks with its own lifecycle and puts its own launcher in the builder"
         ));
     }
-    notes.push(
-        "the builder carries no launcher (/cnb/lifecycle/launcher): that is not yet supported"
-            .into(),
-    );
     let stack = config.stack.unwrap_or_default();
     let build = config.build.unwrap_or_default();
     let build_image = build
@@ -1736,6 +1743,7 @@ pub fn create_builder(
         vec![build_image_platform(&assembly, build_input, &mut notes)?]
     };
     check_linux(&platforms)?;
+    launcher::check_flags(&request.launchers, &platforms)?;
 
     let mut children = Vec::new();
     let mut names = Vec::new();
@@ -1792,6 +1800,22 @@ pub fn create_builder(
         let mut layers: Vec<Descriptor> = base_image.manifest.layers().to_vec();
         let mut diff_ids = Vec::new();
         let mut history = Vec::new();
+        // The launcher: the --launcher file, else lathe's own (also when builder.toml names a
+        // lifecycle, which lathe does not fetch: its own lifecycle runs the buildpacks).
+        let flag = launcher::flag_for(&request.launchers, platform);
+        let chosen = launcher::choose_launcher(platform, flag, None)?;
+        let made = assembly
+            .image
+            .write_layer("the launcher layer", |w| w.add_launcher(&chosen.bytes))?;
+        layers.push(made.blob);
+        diff_ids.push(made.diff_id);
+        history.push(match chosen.source {
+            LauncherSource::Lathe => format!(
+                "lathe builder create: lathe {} launcher at {LAUNCHER_PATH}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            _ => format!("lathe builder create: --launcher {platform} at {LAUNCHER_PATH}"),
+        });
         for (blob, diff_id, name) in modules.layers() {
             layers.push(blob);
             diff_ids.push(diff_id);

@@ -79,7 +79,8 @@ pub struct ExportRequest<'a> {
     /// The build image's CNB user, the owner of every buildpack and app layer entry.
     pub owner: Owner,
     pub run_image: RunImage,
-    pub launcher: &'a Path,
+    /// The launcher program's bytes.
+    pub launcher: &'a [u8],
     /// The version recorded as the launcher's in the build metadata label.
     pub launcher_version: String,
     /// `io.buildpacks.project.metadata` (`{}` when the app has no project.toml source).
@@ -381,7 +382,7 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
 
     // Launcher, launcher config, process types.
     let launcher = request.launcher;
-    let made = assembly.write_layer("the launcher layer", |w| w.add_launcher_entries(launcher))?;
+    let made = assembly.write_layer("the launcher layer", |w| w.add_launcher(launcher))?;
     lifecycle.launcher.sha = add(made, "Buildpacks Application Launcher".into(), &mut layers);
     let config_dir = layers_dir.join("config");
     let config_path = format!("{LAYERS_DIR}/config");

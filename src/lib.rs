@@ -14,6 +14,7 @@ pub mod export;
 pub mod idmap;
 pub mod image;
 pub mod inspect;
+pub mod launcher;
 pub mod layer;
 pub mod layout;
 pub mod lifecycle;

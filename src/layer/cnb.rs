@@ -251,11 +251,12 @@ impl<W: Write> CnbLayerWriter<W> {
         self.write_header(&entry)
     }
 
-    /// The entries of the lifecycle's `LauncherLayer` (see [`write_launcher_layer`]).
-    pub fn add_launcher_entries(&mut self, launcher: &Path) -> io::Result<()> {
+    /// The lifecycle's launcher layer entries with the launcher given as bytes (lathe's own
+    /// is embedded): the same tar as [`write_launcher_layer`] of a file holding them.
+    pub fn add_launcher(&mut self, launcher: &[u8]) -> io::Result<()> {
         self.add_dir("/cnb", 0o755, Owner::ROOT)?;
         self.add_dir("/cnb/lifecycle", 0o755, Owner::ROOT)?;
-        self.add_file_from_path(LAUNCHER_PATH, 0o755, Owner::ROOT, launcher)
+        self.add_file(LAUNCHER_PATH, 0o755, Owner::ROOT, launcher)
     }
 
     /// The entries of the lifecycle's `ProcessTypesLayer` (see [`write_process_types_layer`]).
@@ -433,8 +434,9 @@ pub fn write_launcher_layer<W: Write>(
     compression: LayerCompression,
     out: W,
 ) -> io::Result<(WrittenLayer, W)> {
+    let bytes = fs::read(launcher).map_err(|e| with_path(e, launcher))?;
     let mut writer = CnbLayerWriter::new(out, compression)?;
-    writer.add_launcher_entries(launcher)?;
+    writer.add_launcher(&bytes)?;
     writer.finish()
 }
 
@@ -966,6 +968,11 @@ mod tests {
             ]
         );
         assert_eq!(&tar[3 * BLOCK..3 * BLOCK + 10], b"#!launcher");
+        let from_bytes = tar_of(|w| w.add_launcher(b"#!launcher"));
+        assert_eq!(
+            from_bytes, tar,
+            "the same layer from bytes as from the file"
+        );
     }
 
     #[test]

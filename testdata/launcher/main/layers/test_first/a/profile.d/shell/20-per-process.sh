@@ -1,0 +1,2 @@
+export PER_PROCESS_PROFILE="shell only"
+PROFILE_ORDER="$PROFILE_ORDER,a-shell"
