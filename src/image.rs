@@ -291,6 +291,16 @@ pub struct PlatformImage {
 }
 
 /// Picks `wanted` from `source` (an index's child, or the image itself) and reads its config.
+/// The platform of a single image (not an index), from its config; `None` for an index.
+pub fn single_image_platform(source: &dyn ImageSource) -> Result<Option<Platform>, ImageError> {
+    let root = source.root();
+    if content::kind_of(root.media_type()) != Kind::Manifest {
+        return Ok(None);
+    }
+    let manifest = parse_manifest(&source.read_blob(&root)?, &root, &source.describe())?;
+    Ok(config_platform(&source.read_blob(manifest.config())?))
+}
+
 pub fn read_platform_image(
     source: &dyn ImageSource,
     wanted: &Platform,

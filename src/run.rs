@@ -224,7 +224,12 @@ pub fn run_image(
     }
     let mut notes = Vec::new();
     let host = Platform::host();
-    let wanted = request.platform.clone().unwrap_or_else(|| host.clone());
+    // A single image runs whatever its platform (emulated when foreign); an index gives the
+    // host's platform unless another is asked for.
+    let wanted = match &request.platform {
+        Some(platform) => platform.clone(),
+        None => image::single_image_platform(source)?.unwrap_or_else(|| host.clone()),
+    };
     let image = image::read_platform_image(source, &wanted)?;
     let (config, image_platform) = (image.config, image.platform);
     let process = process_from_config(
