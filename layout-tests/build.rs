@@ -10,51 +10,13 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use common::*;
 use serde_json::{Value, json};
 
-/// One test's world-readable copy of lathe, the fixture images, the testdata buildpacks and
-/// apps, and a world-writable store.
-struct World {
-    dir: tempfile::TempDir,
-}
-
 impl World {
-    fn new() -> World {
-        let dir = scratch();
-        let root = repo_root();
-        for what in ["buildpacks", "apps"] {
-            tool(
-                "cp",
-                &[
-                    "-a",
-                    root.join("testdata").join(what).to_str().unwrap(),
-                    dir.path().join(what).to_str().unwrap(),
-                ],
-            );
-        }
-        fs::create_dir(dir.path().join("store")).unwrap();
-        fs::create_dir(dir.path().join("out")).unwrap();
-        tool("chmod", &["-R", "a+rX", dir.path().to_str().unwrap()]);
-        // A new layout is staged beside its directory, so the world itself is writable too.
-        for writable in ["store", "out", ""] {
-            fs::set_permissions(dir.path().join(writable), fs::Permissions::from_mode(0o777))
-                .unwrap();
-        }
-        World { dir }
-    }
-
-    fn path(&self, relative: &str) -> PathBuf {
-        self.dir.path().join(relative)
-    }
-
-    fn arg(&self, relative: &str) -> String {
-        self.path(relative).to_string_lossy().into_owned()
-    }
-
     /// A bash buildpack written into this world: `detect` and `build` are script bodies.
     fn buildpack(&self, name: &str, toml: &str, detect: &str, build: &str) -> String {
         let dir = self.path(&format!("buildpacks/{name}"));
@@ -89,15 +51,6 @@ impl World {
     }
 }
 
-fn report(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn outcome(out: &Output) -> Value {
     assert_eq!(out.status.code(), Some(0), "{}", report(out));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", report(out)))
@@ -130,10 +83,6 @@ fn assert_no_leftovers(dir: &Path) {
         !mounts.contains(&needle),
         "mounts left behind under {needle}"
     );
-}
-
-fn stderr_of(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn site_build(who: Who) {
@@ -185,7 +134,7 @@ fn site_build(who: Who) {
         metadata["labels"],
         json!([{"key": "io.lathe.test.site-files", "value": "2"}])
     );
-    let err = stderr_of(&out);
+    let err = stderr(&out);
     assert!(err.contains("---> Static site"), "{err}");
     assert!(err.contains("copied 2 files from public"), "{err}");
     assert!(err.contains("worker: echo"), "{err}");
@@ -249,7 +198,7 @@ fn build_layers_reach_later_buildpacks_and_apis_get_their_variables() {
         ],
     );
     let result = outcome(&out);
-    let err = stderr_of(&out);
+    let err = stderr(&out);
     let env: Vec<&str> = err
         .lines()
         .filter_map(|l| l.strip_prefix("probe-env: "))
@@ -319,7 +268,7 @@ fn no_passing_group_exits_20_with_what_the_buildpacks_said() {
         &["--buildpack", &world.arg("buildpacks/static-site")],
     );
     assert_eq!(out.status.code(), Some(20), "{}", report(&out));
-    let err = stderr_of(&out);
+    let err = stderr(&out);
     assert!(err.contains("lathe-test/static-site"), "{err}");
     assert!(
         err.contains("static-site: no index.html or public/index.html in the app"),
@@ -352,7 +301,7 @@ fn a_failing_bin_build_exits_51_after_showing_its_output() {
         !new_cache.exists(),
         "a failed build leaves no new cache directory"
     );
-    let err = stderr_of(&out);
+    let err = stderr(&out);
     assert!(err.contains("error: the compiler broke"), "{err}");
     assert!(err.contains("lathe-test/fails"), "{err}");
 }
@@ -368,7 +317,7 @@ fn an_unsupported_buildpack_api_exits_12_naming_the_buildpack() {
     );
     let out = world.build(Who::Unprivileged, "site", &["--buildpack", &bp]);
     assert_eq!(out.status.code(), Some(12), "{}", report(&out));
-    let err = stderr_of(&out);
+    let err = stderr(&out);
     assert!(
         err.contains("lathe-test/old") && err.contains("0.6"),
         "{err}"
@@ -387,7 +336,7 @@ fn a_layer_named_launch_is_a_build_error() {
     let out = world.build(Who::Unprivileged, "site", &["--buildpack", &bp]);
     assert_eq!(out.status.code(), Some(52), "{}", report(&out));
     assert!(
-        stderr_of(&out).contains("lathe-test/reserved"),
+        stderr(&out).contains("lathe-test/reserved"),
         "{}",
         report(&out)
     );
@@ -415,7 +364,7 @@ fn a_detect_that_hangs_is_stopped_at_the_limit() {
     );
     assert_eq!(out.status.code(), Some(21), "{}", report(&out));
     assert!(
-        stderr_of(&out).contains("lathe-test/hangs"),
+        stderr(&out).contains("lathe-test/hangs"),
         "{}",
         report(&out)
     );
@@ -456,7 +405,7 @@ fn a_missing_buildpack_exits_22_naming_it() {
     );
     assert_eq!(out.status.code(), Some(22), "{}", report(&out));
     assert!(
-        stderr_of(&out).contains("lathe-test/not-there"),
+        stderr(&out).contains("lathe-test/not-there"),
         "{}",
         report(&out)
     );
@@ -488,7 +437,7 @@ fn bad_arguments_exit_3_before_anything_runs() {
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         let out = lathe(&refs);
         assert_eq!(out.status.code(), Some(3), "{}", report(&out));
-        assert!(stderr_of(&out).contains(expected), "{}", report(&out));
+        assert!(stderr(&out).contains(expected), "{}", report(&out));
     }
     let out = lathe(&[
         "build",
@@ -500,7 +449,7 @@ fn bad_arguments_exit_3_before_anything_runs() {
         &output,
     ]);
     assert_eq!(out.status.code(), Some(3), "{}", report(&out));
-    assert!(stderr_of(&out).contains("/no/such/app"), "{}", report(&out));
+    assert!(stderr(&out).contains("/no/such/app"), "{}", report(&out));
 }
 
 /// lathe inside the build image (the CI job's image is the builder): `lathe run` the build
@@ -562,7 +511,7 @@ fn sandbox_none_builds_inside_the_build_image() {
         "/layers/lathe-test_static-site/site/htdocs"
     );
     assert!(
-        stderr_of(&out).contains("copied 2 files from public"),
+        stderr(&out).contains("copied 2 files from public"),
         "{}",
         report(&out)
     );
@@ -581,7 +530,7 @@ fn a_cache_layer_is_reused_by_the_next_build() {
         args.extend(extra);
         let out = world.build(Who::Unprivileged, "deps-app", &args);
         outcome(&out);
-        stderr_of(&out)
+        stderr(&out)
     };
     let first = build(&[]);
     assert!(first.contains("installing dependencies"), "{first}");
@@ -626,7 +575,7 @@ fn an_arm64_build_runs_its_buildpacks_under_emulation() {
             &["--buildpack", &bp, "--platform", platform],
         );
         outcome(&out);
-        assert!(stderr_of(&out).contains(expected), "{}", report(&out));
+        assert!(stderr(&out).contains(expected), "{}", report(&out));
     }
 }
 
@@ -762,7 +711,7 @@ fn sandbox_none_refuses_what_only_a_sandbox_can_do() {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = lathe(&refs);
         assert_eq!(out.status.code(), Some(3), "{}", report(&out));
-        assert!(stderr_of(&out).contains(expected), "{}", report(&out));
+        assert!(stderr(&out).contains(expected), "{}", report(&out));
     }
 }
 
@@ -810,7 +759,7 @@ fn platform_dir_env_files_and_bindings_reach_the_buildpacks() {
         ],
     );
     outcome(&out);
-    let err = stderr_of(&out);
+    let err = stderr(&out);
     for expected in [
         "env BP_SEEDED=from-seed",
         "env BP_FROM_FILE=file value",
@@ -832,9 +781,5 @@ fn platform_dir_env_files_and_bindings_reach_the_buildpacks() {
         &["--buildpack", &bp, "--env-file", "/no/such/file"],
     );
     assert_eq!(bad.status.code(), Some(3), "{}", report(&bad));
-    assert!(
-        stderr_of(&bad).contains("/no/such/file"),
-        "{}",
-        report(&bad)
-    );
+    assert!(stderr(&bad).contains("/no/such/file"), "{}", report(&bad));
 }

@@ -11,42 +11,14 @@ mod registry_support;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use common::*;
 use registry_support::{FaultProxy, RegistryConfig, TestRegistry};
 use serde_json::Value;
 
-/// A world-readable scratch directory holding copies of the testdata buildpacks and apps.
-struct World {
-    dir: tempfile::TempDir,
-}
-
 impl World {
-    fn new() -> World {
-        let dir = scratch();
-        let root = repo_root();
-        for what in ["buildpacks", "apps"] {
-            tool(
-                "cp",
-                &[
-                    "-a",
-                    root.join("testdata").join(what).to_str().unwrap(),
-                    dir.path().join(what).to_str().unwrap(),
-                ],
-            );
-        }
-        fs::create_dir(dir.path().join("store")).unwrap();
-        tool("chmod", &["-R", "a+rwX", dir.path().to_str().unwrap()]);
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        World { dir }
-    }
-
-    fn path(&self, relative: &str) -> PathBuf {
-        self.dir.path().join(relative)
-    }
-
     /// `lathe build APP --output OUTPUT` with the given buildpack, on the fixture images.
     fn build(&self, app: &Path, buildpack: &str, output: &str, extra: &[&str]) -> Output {
         let world = world_readable_lathe_and_fixtures();
@@ -71,15 +43,6 @@ impl World {
             .output()
             .expect("run lathe build")
     }
-}
-
-fn report(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The image digest a successful `--json` build reports.

@@ -438,15 +438,6 @@ impl Stage {
     }
 }
 
-fn report(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Runs every case for `platform`; returns the failures, each with its name and output.
 fn run_contract(platform: &str, arch: &str) -> Vec<String> {
     let stage = Stage::new(arch);

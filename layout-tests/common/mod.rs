@@ -252,6 +252,61 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A command's exit code, stdout and stderr, for assertion messages.
+pub fn report(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// One test's copy of the testdata buildpacks and apps, readable by everyone, with a store
+/// and an `out` directory that everyone may write (a new layout is staged beside its
+/// directory, so the world directory itself is writable too). Test files add their own
+/// `build` methods.
+pub struct World {
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    pub fn new() -> World {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch();
+        let root = repo_root();
+        for what in ["buildpacks", "apps"] {
+            tool(
+                "cp",
+                &[
+                    "-a",
+                    root.join("testdata").join(what).to_str().unwrap(),
+                    dir.path().join(what).to_str().unwrap(),
+                ],
+            );
+        }
+        std::fs::create_dir(dir.path().join("store")).unwrap();
+        std::fs::create_dir(dir.path().join("out")).unwrap();
+        tool("chmod", &["-R", "a+rX", dir.path().to_str().unwrap()]);
+        for writable in ["store", "out", ""] {
+            std::fs::set_permissions(
+                dir.path().join(writable),
+                std::fs::Permissions::from_mode(0o777),
+            )
+            .unwrap();
+        }
+        World { dir }
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    pub fn arg(&self, relative: &str) -> String {
+        self.path(relative).to_string_lossy().into_owned()
+    }
+}
+
 /// A world-readable copy of the lathe binary and the fixture images (`DIR/lathe` and
 /// `DIR/images`), made once per test process under /dev/shm, for tests that run lathe as
 /// another user (the clone and the target directory may not be readable by them). Copies
