@@ -758,12 +758,6 @@ fn export_and_write(
         Some((image, mirrors)) => (Some(image), mirrors),
         None => (None, Vec::new()),
     };
-    let manifest_desc = run.image.manifest.clone();
-    let manifest = image::parse_manifest(
-        &run.source.read_blob(&manifest_desc)?,
-        &manifest_desc,
-        &run.source.describe(),
-    )?;
     let exported = crate::export::export(crate::export::ExportRequest {
         layers_dir: inputs.layers,
         app_dir: inputs.workspace,
@@ -773,8 +767,8 @@ fn export_and_write(
         },
         run_image: crate::export::RunImage {
             source: run.source,
-            manifest,
-            manifest_digest: manifest_desc.digest().to_string(),
+            layers: run.image.layers,
+            manifest_digest: run.image.manifest.digest().to_string(),
             config: run.image.config,
             platform: run.image.platform,
             name: run.name,

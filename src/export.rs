@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use oci_spec::image::{Descriptor, ImageManifest};
+use oci_spec::image::Descriptor;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -58,7 +58,8 @@ fn invalid(what: impl std::fmt::Display, why: impl Into<String>) -> ExportError 
 /// The run image the app image is built on, for one platform.
 pub struct RunImage {
     pub source: Box<dyn ImageSource>,
-    pub manifest: ImageManifest,
+    /// The run image's layers.
+    pub layers: Vec<Descriptor>,
     /// The manifest's digest, for `runImage.reference`.
     pub manifest_digest: String,
     pub config: Value,
@@ -258,7 +259,7 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
     let run_what = run.source.describe();
     let mut assembly = Assembly::new("the app image", request.staging_parent)?;
     let run_input = assembly.add_input(run.source);
-    let mut layers: Vec<Descriptor> = run.manifest.layers().to_vec();
+    let mut layers: Vec<Descriptor> = run.layers;
     for layer in &layers {
         assembly.take_blob(run_input, layer);
     }
@@ -592,29 +593,30 @@ fn set_app_config(config: &mut Value, app: &AppConfig) {
             None => (e.to_string(), String::new()),
         })
         .collect();
-    let mut set = |key: &str, value: String| match env.iter_mut().find(|(k, _)| k == key) {
-        Some(entry) => entry.1 = value,
-        None => env.push((key.to_string(), value)),
-    };
-    set("CNB_LAYERS_DIR", LAYERS_DIR.into());
-    set("CNB_APP_DIR", APP_DIR.into());
-    set("CNB_PLATFORM_API", PLATFORM_API.to_string());
-    set("CNB_DEPRECATION_MODE", "quiet".into());
-    let path = env
+    let run_path = env
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let path = if path.is_empty() {
+    let path = if run_path.is_empty() {
         "/cnb/process:/cnb/lifecycle".to_string()
     } else {
-        format!("/cnb/process:/cnb/lifecycle:{path}")
+        format!("/cnb/process:/cnb/lifecycle:{run_path}")
     };
-    let mut set_path = |value: String| match env.iter_mut().find(|(k, _)| k == "PATH") {
-        Some(entry) => entry.1 = value,
-        None => env.push(("PATH".into(), value)),
-    };
-    set_path(path);
+    // Set in place when the run image has the variable (PATH keeps its position), else
+    // appended, as imgutil's SetEnv does.
+    for (key, value) in [
+        ("CNB_LAYERS_DIR", LAYERS_DIR.to_string()),
+        ("CNB_APP_DIR", APP_DIR.to_string()),
+        ("CNB_PLATFORM_API", PLATFORM_API.to_string()),
+        ("CNB_DEPRECATION_MODE", "quiet".to_string()),
+        ("PATH", path),
+    ] {
+        match env.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value,
+            None => env.push((key.to_string(), value)),
+        }
+    }
     inner["Env"] = json!(
         env.iter()
             .map(|(k, v)| format!("{k}={v}"))
@@ -736,7 +738,7 @@ fn rfc3339(seconds: i64) -> String {
 
 /// The app directory split into slices (`[[slices]]` of metadata.toml) and the rest. A path
 /// belongs to the first slice one of whose globs (Go `filepath.Match` rules, relative to the
-/// app directory) matches it or one of its ancestors.
+/// app directory) matches it, unless an ancestor already went to a slice.
 struct AppTree {
     root: PathBuf,
     /// Per slice, the matched paths (relative, sorted).
@@ -748,28 +750,35 @@ impl AppTree {
         root: &Path,
         slices: &[crate::lifecycle::launch::Slice],
     ) -> Result<AppTree, ExportError> {
-        let mut taken: Vec<PathBuf> = Vec::new();
-        let mut out = Vec::new();
-        for slice in slices {
-            let mut matched = Vec::new();
-            for entry in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
-                let entry = entry.map_err(|e| invalid(root.display(), e.to_string()))?;
-                let relative = entry.path().strip_prefix(root).expect("under root");
-                if taken.iter().any(|t| relative.starts_with(t))
-                    || matched.iter().any(|m: &PathBuf| relative.starts_with(m))
-                {
-                    continue;
-                }
-                let text = relative.to_string_lossy();
-                if slice.paths.iter().any(|glob| {
+        let mut out: Vec<Vec<PathBuf>> = vec![Vec::new(); slices.len()];
+        if slices.is_empty() {
+            return Ok(AppTree {
+                root: root.to_path_buf(),
+                slices: out,
+            });
+        }
+        // One pre-order walk: a matched directory goes whole to its slice, so nothing under it
+        // is looked at again (or put into a second slice).
+        let mut walk = walkdir::WalkDir::new(root)
+            .min_depth(1)
+            .sort_by_file_name()
+            .into_iter();
+        while let Some(entry) = walk.next() {
+            let entry = entry.map_err(|e| invalid(root.display(), e.to_string()))?;
+            let relative = entry.path().strip_prefix(root).expect("under root");
+            let text = relative.to_string_lossy();
+            let matches = |slice: &crate::lifecycle::launch::Slice| {
+                slice.paths.iter().any(|glob| {
                     let glob = glob.trim_start_matches("./");
                     glob_match(glob.as_bytes(), text.as_bytes())
-                }) {
-                    matched.push(relative.to_path_buf());
+                })
+            };
+            if let Some(i) = slices.iter().position(matches) {
+                out[i].push(relative.to_path_buf());
+                if entry.file_type().is_dir() {
+                    walk.skip_current_dir();
                 }
             }
-            taken.extend(matched.iter().cloned());
-            out.push(matched);
         }
         Ok(AppTree {
             root: root.to_path_buf(),
@@ -939,6 +948,38 @@ mod tests {
         assert!(m("[^a-c]x", "dx"));
         assert!(m("\\*", "*"));
         assert!(!m("[a-", "a"));
+    }
+
+    #[test]
+    fn each_app_path_goes_to_one_slice_at_most() {
+        let app = tempfile::tempdir().unwrap();
+        for file in ["a.txt", "static/b.txt", "static/c.css", "src/d.rs"] {
+            let path = app.path().join(file);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, file).unwrap();
+        }
+        let slice = |globs: &[&str]| crate::lifecycle::launch::Slice {
+            paths: globs.iter().map(|g| g.to_string()).collect(),
+        };
+        let tree = AppTree::read(
+            app.path(),
+            &[
+                slice(&["*.txt", "static/*.txt"]),
+                slice(&["./static"]),
+                slice(&["none"]),
+            ],
+        )
+        .unwrap();
+        let names = |i: usize| -> Vec<String> {
+            tree.slices[i]
+                .iter()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect()
+        };
+        // static/b.txt matches the first slice, but static/ went whole to the second first.
+        assert_eq!(names(0), ["a.txt"]);
+        assert_eq!(names(1), ["static"]);
+        assert!(names(2).is_empty());
     }
 
     #[test]

@@ -284,6 +284,8 @@ pub fn platform_children(index: &ImageIndex) -> Vec<(Platform, Descriptor)> {
 pub struct PlatformImage {
     /// The image manifest's descriptor.
     pub manifest: Descriptor,
+    /// The manifest's layers.
+    pub layers: Vec<Descriptor>,
     /// The config, parsed.
     pub config: Value,
     /// The platform the config names (the one asked for when it names none).
@@ -291,21 +293,10 @@ pub struct PlatformImage {
 }
 
 /// Picks `wanted` from `source` (an index's child, or the image itself) and reads its config.
-/// The platform of a single image (not an index), from its config; `None` for an index.
-pub fn single_image_platform(source: &dyn ImageSource) -> Result<Option<Platform>, ImageError> {
-    let root = source.root();
-    if content::kind_of(root.media_type()) != Kind::Manifest {
-        return Ok(None);
-    }
-    let manifest = parse_manifest(&source.read_blob(&root)?, &root, &source.describe())?;
-    Ok(config_platform(&source.read_blob(manifest.config())?))
-}
-
 pub fn read_platform_image(
     source: &dyn ImageSource,
     wanted: &Platform,
 ) -> Result<PlatformImage, ImageError> {
-    let what = source.describe();
     let resolved = resolve_selection(
         source,
         &Selection {
@@ -313,17 +304,37 @@ pub fn read_platform_image(
             single_image: true,
         },
     )?;
-    let manifest_bytes = source.read_blob(&resolved.root)?;
-    let manifest = parse_manifest(&manifest_bytes, &resolved.root, &what)?;
+    read_manifest_and_config(source, resolved.root, wanted)
+}
+
+/// The image a command that needs one runs when no platform is asked for: a single image
+/// whatever its platform, or the host's child of an index.
+pub fn read_default_image(source: &dyn ImageSource) -> Result<PlatformImage, ImageError> {
+    let root = source.root();
+    if content::kind_of(root.media_type()) == Kind::Manifest {
+        return read_manifest_and_config(source, root, &Platform::host());
+    }
+    read_platform_image(source, &Platform::host())
+}
+
+/// The manifest `desc` and its config; `fallback` is the platform when the config names none.
+fn read_manifest_and_config(
+    source: &dyn ImageSource,
+    desc: Descriptor,
+    fallback: &Platform,
+) -> Result<PlatformImage, ImageError> {
+    let what = source.describe();
+    let manifest = parse_manifest(&source.read_blob(&desc)?, &desc, &what)?;
     let config_bytes = source.read_blob(manifest.config())?;
     let config = serde_json::from_slice(&config_bytes).map_err(|e| ImageError::Invalid {
         what: what.clone(),
         why: format!("config: {e}"),
     })?;
     Ok(PlatformImage {
-        manifest: resolved.root,
+        manifest: desc,
+        layers: manifest.layers().to_vec(),
         config,
-        platform: config_platform(&config_bytes).unwrap_or_else(|| wanted.clone()),
+        platform: config_platform(&config_bytes).unwrap_or_else(|| fallback.clone()),
     })
 }
 

@@ -226,11 +226,10 @@ pub fn run_image(
     let host = Platform::host();
     // A single image runs whatever its platform (emulated when foreign); an index gives the
     // host's platform unless another is asked for.
-    let wanted = match &request.platform {
-        Some(platform) => platform.clone(),
-        None => image::single_image_platform(source)?.unwrap_or_else(|| host.clone()),
+    let image = match &request.platform {
+        Some(platform) => image::read_platform_image(source, platform)?,
+        None => image::read_default_image(source)?,
     };
-    let image = image::read_platform_image(source, &wanted)?;
     let (config, image_platform) = (image.config, image.platform);
     let process = process_from_config(
         &config,
