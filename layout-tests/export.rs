@@ -468,3 +468,37 @@ fn bad_input_is_named_and_leaves_the_destination_alone() {
     assert!(err.contains(&unwritable.display().to_string()), "{err}");
     assert_eq!(fs::read_dir(&unwritable).unwrap().count(), 0);
 }
+
+/// `--tag` adds names in the layout (or on the registry) of `--output`; an archive, which
+/// holds one name, or another place is refused before anything is built or written.
+#[test]
+fn tags_name_the_image_where_the_output_is() {
+    let world = World::new();
+    let layout = world.path("out");
+    let out = world.build(
+        &world.path("apps/site"),
+        "static-site",
+        &format!("oci:{}:app", layout.display()),
+        &[&format!("--tag=oci:{}:v2", layout.display())],
+    );
+    let digest = built_digest(&out);
+    let index = fs::read_to_string(layout.join("index.json")).unwrap();
+    for name in ["\"app\"", "\"v2\""] {
+        assert!(index.contains(name) && index.contains(&digest), "{index}");
+    }
+
+    let archive = world.path("app.tar");
+    let refused = world.build(
+        &world.path("apps/site"),
+        "static-site",
+        &format!("oci-archive:{}:app", archive.display()),
+        &[&format!("--tag=oci-archive:{}:other", archive.display())],
+    );
+    assert_eq!(refused.status.code(), Some(3), "{}", report(&refused));
+    assert!(
+        stderr(&refused).contains("--tag oci-archive:"),
+        "{}",
+        report(&refused)
+    );
+    assert!(!archive.exists());
+}

@@ -462,6 +462,24 @@ fn check_arguments(request: &BuildRequest) -> Result<(), BuildError> {
         }
         _ => {}
     }
+    for tag in &request.tags {
+        let same_place = match (&request.output, tag) {
+            (ImageRef::Registry(output), ImageRef::Registry(tag)) => {
+                output.registry == tag.registry
+            }
+            (ImageRef::Layout { dir: output, .. }, ImageRef::Layout { dir: tag, .. }) => {
+                output == tag
+            }
+            _ => false,
+        };
+        if !same_place {
+            return Err(BuildError::Usage(format!(
+                "--tag {tag}: a tag names the image on the registry (or in the OCI layout) of \
+                 --output {}; an archive holds one name",
+                request.output
+            )));
+        }
+    }
     for (name, _) in &request.bindings {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
             return Err(BuildError::Usage(format!(
@@ -753,6 +771,15 @@ fn export_and_write(
         Some(inputs.builder_launcher).filter(|path| path.is_file()),
     )
     .map_err(|e| BuildError::Export(e.to_string()))?;
+    // A SOURCE_DATE_EPOCH that is not a time is ignored, as the lifecycle does, with a warning
+    // (not a -v note: the image's time is then not what the user asked for).
+    let mut time_warnings = Vec::new();
+    let created =
+        crate::export::created_time(request.source_date_epoch.as_deref(), &mut time_warnings);
+    for warning in &time_warnings {
+        tracing::warn!("{warning}");
+    }
+    notes.extend(time_warnings);
     let run = inputs.run_image;
     let (run_toml_image, run_toml_mirrors) = match run.run_toml {
         Some((image, mirrors)) => (Some(image), mirrors),
@@ -781,7 +808,7 @@ fn export_and_write(
             .map(Project::source_metadata)
             .unwrap_or_else(|| serde_json::json!({})),
         default_process: request.default_process.clone(),
-        created: crate::export::created_time(request.source_date_epoch.as_deref(), notes),
+        created,
         staging_parent: Some(inputs.staging),
     })
     .map_err(export_error)?;
