@@ -526,34 +526,106 @@ fn a_cache_layer_is_reused_by_the_next_build() {
     let cache_arg = format!("--cache-dir={}", cache.display());
     let bp = world.arg("buildpacks/cached-deps");
     let build = |extra: &[&str]| {
+        // Each build writes over the last one's image, the previous image of the next: the
+        // lifecycle restores a launch + cache layer's metadata from there, its data from the
+        // cache.
         let mut args = vec!["--buildpack", &bp, &cache_arg];
         args.extend(extra);
         let out = world.build(Who::Unprivileged, "deps-app", &args);
-        outcome(&out);
-        stderr(&out)
+        (outcome(&out), stderr(&out))
     };
-    let first = build(&[]);
-    assert!(first.contains("installing dependencies"), "{first}");
-    assert!(
-        first.contains("Cached lathe-test/cached-deps/deps"),
-        "{first}"
+    let (first, first_err) = build(&[]);
+    assert!(first_err.contains("installing dependencies"), "{first_err}");
+    assert_eq!(
+        first["cache"]["layers"],
+        json!(["lathe-test/cached-deps/deps"]),
+        "only cache = true layers are cached (not the build-only tools layer)"
     );
-    let second = build(&[]);
-    assert!(
-        second.contains("Restored lathe-test/cached-deps/deps"),
-        "{second}"
+    assert_eq!(first["cache"]["reused"], 0);
+
+    // The lifecycle's volume cache format: committed/<diffID>.tar and the metadata file.
+    let committed = cache.join("committed");
+    let metadata: Value = serde_json::from_slice(
+        &fs::read(committed.join("io.buildpacks.lifecycle.cache.metadata")).unwrap(),
+    )
+    .unwrap();
+    let deps = &metadata["buildpacks"][0]["layers"]["deps"];
+    assert_eq!(metadata["buildpacks"][0]["key"], "lathe-test/cached-deps");
+    assert_eq!(
+        (&deps["build"], &deps["launch"], &deps["cache"]),
+        (&json!(true), &json!(true), &json!(true))
     );
-    assert!(second.contains("reusing cached dependencies"), "{second}");
-    let cleared = build(&["--clear-cache"]);
-    assert!(cleared.contains("installing dependencies"), "{cleared}");
-    // Only the cache layer is kept: the build-only tools layer is not cached.
-    let current = fs::read_link(cache.join("current")).unwrap();
-    let mut kept: Vec<String> = fs::read_dir(cache.join(&current).join("lathe-test_cached-deps"))
+    assert!(deps["data"]["checksum"].is_string(), "{metadata}");
+    let mut tars: Vec<String> = fs::read_dir(&committed)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".tar"))
         .collect();
-    kept.sort();
-    assert_eq!(kept, ["deps", "deps.sbom.spdx.json", "deps.toml"]);
+    tars.sort();
+    let mut expected = vec![
+        format!("{}.tar", deps["sha"].as_str().unwrap()),
+        format!("{}.tar", metadata["sbom"]["sha"].as_str().unwrap()),
+    ];
+    expected.sort();
+    assert_eq!(
+        tars, expected,
+        "one tar per cached layer and one for the SBOMs"
+    );
+    let listing = std::process::Command::new("tar")
+        .arg("-tvf")
+        .arg(committed.join(&expected[0]))
+        .output()
+        .unwrap();
+    assert!(listing.status.success());
+    assert!(!cache.join("staging").exists());
+
+    let (second, second_err) = build(&[]);
+    assert!(
+        second_err.contains("Restoring data for \"lathe-test/cached-deps:deps\" from cache"),
+        "{second_err}"
+    );
+    assert!(
+        second_err.contains("reusing cached dependencies"),
+        "{second_err}"
+    );
+    assert_eq!(
+        second["cache"]["reused"], 2,
+        "the layer and the SBOMs, unchanged"
+    );
+    let (_, cleared_err) = build(&["--clear-cache"]);
+    assert!(
+        cleared_err.contains("installing dependencies"),
+        "{cleared_err}"
+    );
+
+    // A cache whose tar was tampered with is a warning and a rebuilt layer.
+    let tar = committed.join(format!("{}.tar", deps["sha"].as_str().unwrap()));
+    let mut bytes = fs::read(&tar).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    fs::write(&tar, bytes).unwrap();
+    let (_, tampered_err) = build(&[]);
+    assert!(
+        tampered_err.contains("skipping restore for layer lathe-test/cached-deps:deps"),
+        "{tampered_err}"
+    );
+    assert!(
+        tampered_err.contains("installing dependencies"),
+        "{tampered_err}"
+    );
+
+    // Undecodable metadata: a warning and a build without the cache.
+    fs::write(
+        committed.join("io.buildpacks.lifecycle.cache.metadata"),
+        "{not json",
+    )
+    .unwrap();
+    let (_, broken_err) = build(&[]);
+    assert!(broken_err.contains("is not valid"), "{broken_err}");
+    assert!(
+        broken_err.contains("installing dependencies"),
+        "{broken_err}"
+    );
 }
 
 #[test]

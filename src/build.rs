@@ -12,9 +12,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::cache::{self, CacheLocation, CacheRead, SaveReport};
+use crate::export::{LIFECYCLE_METADATA_LABEL, LifecycleMetadata, PreviousImage};
 use crate::image::{self, ImageError, ImageSource};
 use crate::lifecycle::descriptor::{self, OrderEntry};
 use crate::lifecycle::phase::PhaseRequest;
+use crate::lifecycle::restore::RestoreInput;
 use crate::lifecycle::{self, Distro, GroupFile, GroupMember, Paths, TargetData, escape_id};
 use crate::platform::Platform;
 use crate::progress::ByteProgress;
@@ -136,10 +139,15 @@ pub struct BuildRequest {
     pub timeout: Option<Duration>,
     pub detect_timeout: Option<Duration>,
     pub store: PathBuf,
-    /// A directory cache of the buildpacks' cache layers.
+    /// The build cache in a directory, in the lifecycle's format.
     pub cache_dir: Option<PathBuf>,
+    /// The build cache as an image, in the lifecycle's format.
+    pub cache_image: Option<ImageRef>,
     /// Start without the cache's layers (the cache is still written after the build).
     pub clear_cache: bool,
+    /// The image whose layers the build may reuse (default: `--output`, when it is a registry
+    /// or a layout).
+    pub previous_image: Option<ImageRef>,
     /// The process the image starts by default (default: the buildpacks').
     pub default_process: Option<String>,
     /// `--launcher PLATFORM=PATH`: launchers to put into the image instead of the builder's
@@ -176,6 +184,14 @@ pub struct ImageSummary {
     pub bytes_written: u64,
 }
 
+/// The cache a build saved.
+#[derive(Debug, serde::Serialize)]
+pub struct CacheSummary {
+    pub location: String,
+    #[serde(flatten)]
+    pub report: SaveReport,
+}
+
 /// What the build made, read from the files the lifecycle wrote.
 #[derive(Debug, serde::Serialize)]
 pub struct BuildOutcome {
@@ -185,6 +201,8 @@ pub struct BuildOutcome {
     pub metadata: Value,
     /// The image written.
     pub image: Option<ImageSummary>,
+    /// What was saved to the cache.
+    pub cache: Option<CacheSummary>,
     #[serde(skip)]
     pub notes: Vec<String>,
 }
@@ -243,10 +261,10 @@ pub fn build(
     let (buildpack_binds, order_written) = prepare_buildpacks(request, project.as_ref(), &layers)?;
     binds.extend(buildpack_binds);
     binds.extend(request.volumes.iter().cloned());
-    let cache_dir = CacheDir::prepare(request)?;
-    let cache = cache_dir.as_ref().map(|c| c.path.clone());
-    if let Some(cache) = &cache {
-        binds.push(bind(cache, CACHE_INSIDE, false));
+    let analysis = analyze(request, &run_image.image.platform, work, &mut notes)?;
+    let cache_tars = analysis.cache_tars().map(Path::to_path_buf);
+    if let Some(tars) = &cache_tars {
+        binds.push(bind(tars, CACHE_INSIDE, true));
     }
 
     // Root chowns the work area to the build user when its namespace has that user (a rootless
@@ -254,10 +272,7 @@ pub fn build(
     // which owns the work area already).
     let caller = nix::unistd::getuid().as_raw();
     if caller == 0 && crate::idmap::own_namespace_maps(build_image.uid, build_image.gid) {
-        for dir in [Some(&workspace), Some(&layers), cache.as_ref()]
-            .into_iter()
-            .flatten()
-        {
+        for dir in [&workspace, &layers] {
             chown_tree(dir, build_image.uid, build_image.gid)?;
         }
     }
@@ -295,8 +310,8 @@ pub fn build(
             lifecycle_env,
             detect_timeout: request.detect_timeout,
             os_release: "/etc/os-release".into(),
-            cache: cache.as_ref().map(|_| PathBuf::from(CACHE_INSIDE)),
-            clear_cache: request.clear_cache,
+            restore: analysis
+                .restore_input(cache_tars.as_ref().map(|_| PathBuf::from(CACHE_INSIDE))),
         }),
     };
     let control = RunControl {
@@ -308,20 +323,33 @@ pub fn build(
     let outcome = match ran {
         Ok(0) => read_outcome(&layers, notes).and_then(|mut outcome| {
             let builder_launcher = build_image.rootfs.join("cnb/lifecycle/launcher");
+            let platform = run_image.image.platform.clone();
+            let owner = (build_image.uid, build_image.gid);
+            let (previous, cache) = (analysis.previous, analysis.cache);
             let written = export_and_write(
                 request,
                 project.as_ref(),
                 ExportInputs {
                     layers: &layers,
                     workspace: &workspace,
-                    owner: (build_image.uid, build_image.gid),
+                    owner,
                     run_image,
+                    previous,
                     builder_launcher: &builder_launcher,
                     staging: work,
                 },
                 &mut outcome.notes,
             )?;
             outcome.image = Some(written);
+            outcome.cache = save_cache(
+                request,
+                cache,
+                &layers,
+                owner,
+                &platform,
+                work,
+                &mut outcome.notes,
+            );
             Ok(outcome)
         }),
         Ok(code) => Err(BuildError::Lifecycle {
@@ -403,34 +431,6 @@ pub fn describe(outcome: &BuildOutcome) -> String {
 /// Where the cache directory is bound in the sandbox.
 const CACHE_INSIDE: &str = "/cache";
 
-/// `--cache-dir`, created when missing; a directory this build created is removed again
-/// when it is still empty at the end (the build failed before saving anything).
-struct CacheDir {
-    path: PathBuf,
-    created: bool,
-}
-
-impl CacheDir {
-    fn prepare(request: &BuildRequest) -> Result<Option<CacheDir>, BuildError> {
-        let Some(dir) = &request.cache_dir else {
-            return Ok(None);
-        };
-        let created = !dir.exists();
-        std::fs::create_dir_all(dir)
-            .and_then(|_| std::fs::canonicalize(dir))
-            .map(|path| Some(CacheDir { path, created }))
-            .map_err(|e| BuildError::Usage(format!("--cache-dir {}: {e}", dir.display())))
-    }
-}
-
-impl Drop for CacheDir {
-    fn drop(&mut self) {
-        if self.created {
-            let _ = std::fs::remove_dir(&self.path); // only when empty
-        }
-    }
-}
-
 fn check_arguments(request: &BuildRequest) -> Result<(), BuildError> {
     if !request.app.is_dir() {
         return Err(BuildError::Usage(format!(
@@ -479,6 +479,20 @@ fn check_arguments(request: &BuildRequest) -> Result<(), BuildError> {
                 request.output
             )));
         }
+    }
+    if request.cache_dir.is_some() && request.cache_image.is_some() {
+        return Err(BuildError::Usage(
+            "give either --cache-dir or --cache-image, not both".into(),
+        ));
+    }
+    if let Some(dir) = &request.cache_dir
+        && dir.exists()
+        && !dir.is_dir()
+    {
+        return Err(BuildError::Usage(format!(
+            "--cache-dir {}: not a directory",
+            dir.display()
+        )));
     }
     for (name, _) in &request.bindings {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
@@ -741,12 +755,183 @@ fn builder_run_image(rootfs: &Path) -> Result<(String, Vec<String>), BuildError>
         })
 }
 
+/// What a build reads before it runs, as the reference analyzer does: the app's previous image
+/// and the cache.
+struct Analysis {
+    previous: Option<PreviousImage>,
+    cache: Option<(CacheLocation, CacheRead)>,
+    clear_cache: bool,
+}
+
+impl Analysis {
+    /// The host directory of the cache's layer tars, when the restorer needs it.
+    fn cache_tars(&self) -> Option<&Path> {
+        match &self.cache {
+            Some((_, read)) if !self.clear_cache => read.tars.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The restorer's input; `cache_tars` is where the build container sees the tars.
+    fn restore_input(&self, cache_tars: Option<PathBuf>) -> RestoreInput {
+        RestoreInput {
+            previous: self
+                .previous
+                .as_ref()
+                .map(|p| p.metadata.clone())
+                .unwrap_or_default(),
+            cache: match &self.cache {
+                Some((_, read)) if !self.clear_cache => read.metadata.clone(),
+                _ => Default::default(),
+            },
+            cache_tars,
+        }
+    }
+}
+
+fn analyze(
+    request: &BuildRequest,
+    platform: &Platform,
+    scratch: &Path,
+    notes: &mut Vec<String>,
+) -> Result<Analysis, BuildError> {
+    let mut warn = |line: String| {
+        tracing::warn!("{line}");
+        notes.push(line);
+    };
+    let previous = read_previous_image(request, platform, &mut warn);
+    let cache = match (&request.cache_dir, &request.cache_image) {
+        (Some(dir), _) => Some((CacheLocation::Dir(dir.clone()), cache::read_dir(dir))),
+        (None, Some(reference)) => {
+            let read = cache::read_image(reference, platform, &scratch.join("cache-tars"))
+                .map_err(|e| BuildError::Invalid(format!("--cache-image: {e}")))?;
+            Some((CacheLocation::Image(reference.clone()), read))
+        }
+        (None, None) => None,
+    };
+    if let Some((_, read)) = &cache {
+        read.warnings.iter().cloned().for_each(&mut warn);
+    }
+    Ok(Analysis {
+        previous,
+        cache,
+        clear_cache: request.clear_cache,
+    })
+}
+
+/// `--previous-image`, else `--output` when it is a registry or a layout: its lifecycle label
+/// and layers, when it exists and is for `platform`. Anything wrong with it is a warning and a
+/// build without it, never a failed build.
+fn read_previous_image(
+    request: &BuildRequest,
+    platform: &Platform,
+    warn: &mut dyn FnMut(String),
+) -> Option<PreviousImage> {
+    let reference = request
+        .previous_image
+        .clone()
+        .or_else(|| match &request.output {
+            ImageRef::Registry(_) | ImageRef::Layout { .. } => Some(request.output.clone()),
+            _ => None,
+        })?;
+    let mut without = |why: String| {
+        warn(format!(
+            "previous image {reference}: {why}; building without reusing its layers"
+        ));
+        None
+    };
+    let source = match image::open_if_exists(&reference) {
+        Ok(Some(source)) => source,
+        Ok(None) => return None,
+        Err(e) => return without(e.to_string()),
+    };
+    let found = match image::read_platform_image(source.as_ref(), platform) {
+        Ok(found) => found,
+        Err(e) => return without(e.to_string()),
+    };
+    if found.platform.os != platform.os || found.platform.arch != platform.arch {
+        return None; // another platform's image: nothing of it fits
+    }
+    let label = found.config["config"]["Labels"][LIFECYCLE_METADATA_LABEL].as_str()?;
+    let metadata: LifecycleMetadata = match serde_json::from_str(label) {
+        Ok(metadata) => metadata,
+        Err(e) => {
+            return without(format!(
+                "its {LIFECYCLE_METADATA_LABEL} label is not valid ({e})"
+            ));
+        }
+    };
+    let diff_ids = crate::export::diff_ids_of(&found.config);
+    if diff_ids.len() != found.layers.len() {
+        return without("its config and manifest disagree on the number of layers".into());
+    }
+    Some(PreviousImage {
+        source,
+        layers: found.layers,
+        diff_ids,
+        metadata,
+    })
+}
+
+/// Saves the build's cache layers after the export; a failure is a warning, as in the
+/// lifecycle (the image is written by then).
+fn save_cache(
+    request: &BuildRequest,
+    cache: Option<(CacheLocation, CacheRead)>,
+    layers: &Path,
+    owner: (u32, u32),
+    platform: &Platform,
+    staging: &Path,
+    notes: &mut Vec<String>,
+) -> Option<CacheSummary> {
+    let (location, read) = cache?;
+    let owner = crate::layer::cnb::Owner {
+        uid: owner.0.into(),
+        gid: owner.1.into(),
+    };
+    let saved = match &location {
+        CacheLocation::Dir(dir) => cache::save_dir(dir, layers, owner),
+        CacheLocation::Image(reference) => cache::save_image(
+            reference,
+            platform,
+            layers,
+            owner,
+            read,
+            Some(staging),
+            &crate::progress::Progress::for_stderr(request.quiet),
+        ),
+    };
+    match saved {
+        Ok(report) => {
+            for warning in &report.warnings {
+                tracing::warn!("{warning}");
+            }
+            notes.push(format!(
+                "cached {} layers in {location} ({} unchanged)",
+                report.layers.len(),
+                report.reused
+            ));
+            Some(CacheSummary {
+                location: location.to_string(),
+                report,
+            })
+        }
+        Err(e) => {
+            let line = format!("the cache was not saved: {e}");
+            tracing::warn!("{line}");
+            notes.push(line);
+            None
+        }
+    }
+}
+
 /// What export takes from the build beside the request.
 struct ExportInputs<'a> {
     layers: &'a Path,
     workspace: &'a Path,
     owner: (u32, u32),
     run_image: OpenedRunImage,
+    previous: Option<PreviousImage>,
     /// Where the builder keeps its launcher (used when it has one and no --launcher is given;
     /// lathe's own otherwise).
     builder_launcher: &'a Path,
@@ -802,6 +987,7 @@ fn export_and_write(
             run_toml_image,
             run_toml_mirrors,
         },
+        previous: inputs.previous,
         launcher: &launcher.bytes,
         launcher_version: crate::export::launcher_version(),
         project_metadata: project
@@ -1010,6 +1196,7 @@ fn read_outcome(layers: &Path, notes: Vec<String>) -> Result<BuildOutcome, Build
         layers: summaries,
         metadata: serde_json::to_value(metadata).unwrap_or_default(),
         image: None,
+        cache: None,
         notes,
     })
 }
@@ -1091,7 +1278,13 @@ fn build_in_this_container(
     let wanted = request.platform.clone().unwrap_or_else(Platform::host);
     let run_image = open_run_image(request, Path::new("/"), &wanted)?;
     let target = run_image.target()?;
-    let cache = CacheDir::prepare(request)?;
+    let mut notes = vec!["ran in this container (--sandbox none)".to_string()];
+    let analysis = analyze(
+        request,
+        &run_image.image.platform,
+        scratch.path(),
+        &mut notes,
+    )?;
     let phase = PhaseRequest {
         paths,
         target,
@@ -1099,14 +1292,10 @@ fn build_in_this_container(
         lifecycle_env: std::env::vars().collect(),
         detect_timeout: request.detect_timeout,
         os_release: "/etc/os-release".into(),
-        cache: cache.as_ref().map(|c| c.path.clone()),
-        clear_cache: request.clear_cache,
+        restore: analysis.restore_input(analysis.cache_tars().map(Path::to_path_buf)),
     };
     lifecycle::phase::run(&phase)?;
-    let mut outcome = read_outcome(
-        layers,
-        vec!["ran in this container (--sandbox none)".to_string()],
-    )?;
+    let mut outcome = read_outcome(layers, notes)?;
     let env_id = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse().ok());
     let owner = match (env_id("CNB_USER_ID"), env_id("CNB_GROUP_ID")) {
         (Some(uid), Some(gid)) => (uid, gid),
@@ -1115,6 +1304,7 @@ fn build_in_this_container(
             nix::unistd::getgid().as_raw(),
         ),
     };
+    let platform = run_image.image.platform.clone();
     let written = export_and_write(
         request,
         project,
@@ -1123,12 +1313,22 @@ fn build_in_this_container(
             workspace,
             owner,
             run_image,
+            previous: analysis.previous,
             builder_launcher: Path::new("/cnb/lifecycle/launcher"),
             staging: scratch.path(),
         },
         &mut outcome.notes,
     )?;
     outcome.image = Some(written);
+    outcome.cache = save_cache(
+        request,
+        analysis.cache,
+        layers,
+        owner,
+        &platform,
+        scratch.path(),
+        &mut outcome.notes,
+    );
     Ok(outcome)
 }
 

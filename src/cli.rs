@@ -328,12 +328,21 @@ pub struct BuildArgs {
     /// The limit on each buildpack's bin/detect, in seconds
     #[arg(long, value_name = "SECONDS", default_value = "300")]
     pub detect_timeout: u64,
-    /// Keep the buildpacks' cache layers in this directory between builds
-    #[arg(long, value_name = "DIR")]
+    /// Keep the buildpacks' cache layers in this directory between builds (the lifecycle's
+    /// volume cache format: committed/<diffID>.tar)
+    #[arg(long, value_name = "DIR", conflicts_with = "cache_image")]
     pub cache_dir: Option<PathBuf>,
+    /// Keep the buildpacks' cache layers in this image between builds (the lifecycle's cache
+    /// image format; any transport)
+    #[arg(long, value_name = "REF", value_parser = parse_ref)]
+    pub cache_image: Option<ImageRef>,
     /// Don't restore the cache before building (it is still saved after)
     #[arg(long)]
     pub clear_cache: bool,
+    /// The image whose layers this build reuses (default: --output, when it is a registry or
+    /// an OCI layout)
+    #[arg(long, value_name = "REF", value_parser = parse_ref)]
+    pub previous_image: Option<ImageRef>,
     /// The process type the image starts by default (default: the buildpacks' default)
     #[arg(long, value_name = "TYPE")]
     pub default_process: Option<String>,
@@ -764,7 +773,9 @@ fn build_command(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
         detect_timeout: Some(Duration::from_secs(args.detect_timeout)),
         store: args.store.dir(),
         cache_dir: args.cache_dir.clone(),
+        cache_image: args.cache_image.clone(),
         clear_cache: args.clear_cache,
+        previous_image: args.previous_image.clone(),
         default_process: args.default_process.clone(),
         launchers: args.launcher.clone(),
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok(),

@@ -16,7 +16,7 @@
 //! `io.buildpacks.project.metadata` and the buildpacks' launch.toml labels. Run image
 //! references in labels are registry names or layout ref names, never host paths.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -71,6 +71,15 @@ pub struct RunImage {
     pub run_toml_mirrors: Vec<String>,
 }
 
+/// The image an earlier build of the app wrote, whose layers this one may reuse.
+pub struct PreviousImage {
+    pub source: Box<dyn ImageSource>,
+    pub layers: Vec<Descriptor>,
+    pub diff_ids: Vec<String>,
+    /// Its `io.buildpacks.lifecycle.metadata` label.
+    pub metadata: LifecycleMetadata,
+}
+
 /// What export needs from the build.
 pub struct ExportRequest<'a> {
     /// The host directory the lifecycle saw as /layers.
@@ -80,6 +89,9 @@ pub struct ExportRequest<'a> {
     /// The build image's CNB user, the owner of every buildpack and app layer entry.
     pub owner: Owner,
     pub run_image: RunImage,
+    /// The previous image: a launch layer the buildpack kept without a directory is taken
+    /// from it, and so is every layer whose diffID it already has.
+    pub previous: Option<PreviousImage>,
     /// The launcher program's bytes.
     pub launcher: &'a [u8],
     /// The version recorded as the launcher's in the build metadata label.
@@ -106,13 +118,13 @@ pub struct Exported {
 
 // ------------------------------------------------------------------- label schemas (§2.9)
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerSha {
     pub sha: String,
 }
 
 /// `io.buildpacks.lifecycle.metadata`, in the lifecycle's field order.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LifecycleMetadata {
     #[serde(default)]
     pub app: Vec<LayerSha>,
@@ -132,7 +144,7 @@ pub struct LifecycleMetadata {
     pub stack: Option<StackMetadata>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildpackLayers {
     pub key: String,
     pub version: String,
@@ -142,7 +154,7 @@ pub struct BuildpackLayers {
     pub store: Option<StoreMetadata>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerMetadata {
     pub sha: String,
     #[serde(default)]
@@ -155,13 +167,13 @@ pub struct LayerMetadata {
     pub cache: bool,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreMetadata {
     #[serde(default)]
     pub metadata: Value,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunImageForRebase {
     #[serde(rename = "topLayer")]
     pub top_layer: String,
@@ -172,13 +184,13 @@ pub struct RunImageForRebase {
     pub mirrors: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StackMetadata {
     #[serde(rename = "runImage")]
     pub run_image: StackRunImage,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StackRunImage {
     pub image: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -186,7 +198,7 @@ pub struct StackRunImage {
 }
 
 /// `io.buildpacks.build.metadata`, in the lifecycle's field order.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildLabel {
     pub buildpacks: Vec<BuildLabelBuildpack>,
     pub launcher: LauncherInfo,
@@ -199,7 +211,7 @@ pub struct BuildLabel {
     pub default_process: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildLabelBuildpack {
     pub id: String,
     pub version: String,
@@ -207,24 +219,24 @@ pub struct BuildLabelBuildpack {
     pub homepage: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LauncherInfo {
     pub version: String,
     pub source: LauncherSource,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LauncherSource {
     pub git: GitSource,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GitSource {
     pub repository: String,
     pub commit: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildLabelProcess {
     #[serde(rename = "type")]
     pub process_type: String,
@@ -264,14 +276,7 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         assembly.take_blob(run_input, layer);
     }
     let mut config = run.config;
-    let base_diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|ids| {
-            ids.iter()
-                .filter_map(|id| id.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let base_diff_ids = diff_ids_of(&config);
     if base_diff_ids.len() != layers.len() {
         return Err(invalid(
             &run_what,
@@ -288,11 +293,42 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         .ok_or_else(|| invalid(&run_what, "the run image has no layers"))?;
 
     let owner = request.owner;
+    let previous = request.previous.map(|previous| {
+        let input = assembly.add_input(previous.source);
+        let blobs: HashMap<String, Descriptor> =
+            previous.diff_ids.into_iter().zip(previous.layers).collect();
+        (input, blobs, previous.metadata)
+    });
     let mut added: Vec<(String, String)> = Vec::new();
-    let mut add = |made: MadeLayer, what: String, layers: &mut Vec<Descriptor>| {
-        layers.push(made.blob);
-        added.push((what, made.diff_id.clone()));
-        made.diff_id
+    // A layer the previous image has (same diffID) is served from it, so a destination that
+    // has the previous image receives nothing new even if its blob was compressed otherwise.
+    let mut add =
+        |assembly: &mut Assembly, made: MadeLayer, what: String, layers: &mut Vec<Descriptor>| {
+            let blob = match &previous {
+                Some((input, blobs, _)) if blobs.contains_key(&made.diff_id) => {
+                    let blob = blobs[&made.diff_id].clone();
+                    assembly.take_blob(*input, &blob);
+                    blob
+                }
+                _ => made.blob,
+            };
+            layers.push(blob);
+            added.push((what, made.diff_id.clone()));
+            made.diff_id
+        };
+    let previous_layer = |id: &str, name: &str| -> Option<MadeLayer> {
+        let (_, blobs, metadata) = previous.as_ref()?;
+        let layer = metadata
+            .buildpacks
+            .iter()
+            .find(|bp| bp.key == id)?
+            .layers
+            .get(name)
+            .filter(|l| l.launch)?;
+        Some(MadeLayer {
+            blob: blobs.get(&layer.sha)?.clone(),
+            diff_id: layer.sha.clone(),
+        })
     };
 
     // Buildpack launch layers, group order then name.
@@ -308,29 +344,31 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         };
         for file in files.into_iter().filter(|f| f.layer.types.launch) {
             let layer_dir = dir.join(&file.name);
-            if !layer_dir.is_dir() {
-                return Err(invalid(
-                    file.path.display(),
-                    format!(
-                        "buildpack {} marks layer {:?} launch = true but left no directory \
-                         for it, and there is no previous image to take it from",
-                        member.id, file.name
-                    ),
-                ));
-            }
-            let image_path = format!("{LAYERS_DIR}/{}/{}", escape_id(&member.id), file.name);
-            let made = assembly.write_layer(&image_path, |w| {
-                add_layers_parents(w, &image_path, owner)?;
-                w.add_tree(&layer_dir, &image_path, owner)
-            })?;
-            let diff_id = add(
-                made,
-                format!(
-                    "Layer: '{}', Created by buildpack: {}@{}",
-                    file.name, member.id, member.version
-                ),
-                &mut layers,
+            let what = format!(
+                "Layer: '{}', Created by buildpack: {}@{}",
+                file.name, member.id, member.version
             );
+            let diff_id = if layer_dir.is_dir() {
+                let image_path = format!("{LAYERS_DIR}/{}/{}", escape_id(&member.id), file.name);
+                let made = assembly.write_layer(&image_path, |w| {
+                    add_layers_dir(w, &layer_dir, &image_path, owner)
+                })?;
+                add(&mut assembly, made, what, &mut layers)
+            } else {
+                // Kept without contents: the previous image's layer, as it was.
+                let Some(kept) = previous_layer(&member.id, &file.name) else {
+                    return Err(invalid(
+                        file.path.display(),
+                        format!(
+                            "buildpack {} marks layer {:?} launch = true but left no \
+                             directory for it, and the previous image has no such layer to \
+                             reuse",
+                            member.id, file.name
+                        ),
+                    ));
+                };
+                add(&mut assembly, kept, what, &mut layers)
+            };
             let data = if file.layer.metadata.is_empty() {
                 Value::Null
             } else {
@@ -355,10 +393,14 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
     if sbom_dir.is_dir() {
         let path = format!("{LAYERS_DIR}/sbom/launch");
         let made = assembly.write_layer("the launch SBOM layer", |w| {
-            add_layers_parents(w, &path, owner)?;
-            w.add_tree(&sbom_dir, &path, owner)
+            add_layers_dir(w, &sbom_dir, &path, owner)
         })?;
-        let sha = add(made, "Software Bill-of-Materials".into(), &mut layers);
+        let sha = add(
+            &mut assembly,
+            made,
+            "Software Bill-of-Materials".into(),
+            &mut layers,
+        );
         lifecycle.sbom = Some(LayerSha { sha });
     }
 
@@ -369,7 +411,8 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         let made = assembly.write_layer(&format!("app slice {}", i + 1), |w| {
             app.write_slice(w, slice, owner)
         })?;
-        let sha = add(made, format!("Application Slice: {}", i + 1), &mut layers);
+        let what = format!("Application Slice: {}", i + 1);
+        let sha = add(&mut assembly, made, what, &mut layers);
         lifecycle.app.push(LayerSha { sha });
     }
     let made = assembly.write_layer("the app layer", |w| app.write_rest(w, owner))?;
@@ -378,20 +421,29 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
     } else {
         format!("Application Slice: {}", slice_count + 1)
     };
-    let sha = add(made, what, &mut layers);
+    let sha = add(&mut assembly, made, what, &mut layers);
     lifecycle.app.push(LayerSha { sha });
 
     // Launcher, launcher config, process types.
     let launcher = request.launcher;
     let made = assembly.write_layer("the launcher layer", |w| w.add_launcher(launcher))?;
-    lifecycle.launcher.sha = add(made, "Buildpacks Application Launcher".into(), &mut layers);
+    lifecycle.launcher.sha = add(
+        &mut assembly,
+        made,
+        "Buildpacks Application Launcher".into(),
+        &mut layers,
+    );
     let config_dir = layers_dir.join("config");
     let config_path = format!("{LAYERS_DIR}/config");
     let made = assembly.write_layer("the launcher config layer", |w| {
-        add_layers_parents(w, &config_path, owner)?;
-        w.add_tree(&config_dir, &config_path, owner)
+        add_layers_dir(w, &config_dir, &config_path, owner)
     })?;
-    lifecycle.config.sha = add(made, "Buildpacks Launcher Config".into(), &mut layers);
+    lifecycle.config.sha = add(
+        &mut assembly,
+        made,
+        "Buildpacks Launcher Config".into(),
+        &mut layers,
+    );
     let process_types: Vec<&str> = metadata
         .processes
         .iter()
@@ -401,7 +453,12 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         let made = assembly.write_layer("the process types layer", |w| {
             w.add_process_type_entries(&process_types)
         })?;
-        lifecycle.process_types.sha = add(made, "Buildpacks Process Types".into(), &mut layers);
+        lifecycle.process_types.sha = add(
+            &mut assembly,
+            made,
+            "Buildpacks Process Types".into(),
+            &mut layers,
+        );
     }
 
     // Run image metadata for rebase.
@@ -503,6 +560,18 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         added,
         default_process,
     })
+}
+
+/// An image config's `rootfs.diff_ids`.
+pub fn diff_ids_of(config: &Value) -> Vec<String> {
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|ids| {
+            ids.iter()
+                .filter_map(|id| id.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The process the image starts by default: `--default-process` (which must exist), else the
@@ -638,6 +707,18 @@ fn set_app_config(config: &mut Value, app: &AppConfig) {
     for (key, value) in &app.labels {
         labels[key] = json!(value);
     }
+}
+
+/// A directory of the layers dir (a buildpack layer, the SBOM tree, the launcher config) as
+/// the tar entries of its layer: its parents as the CNB user's 0755 directories, then the tree.
+pub fn add_layers_dir<W: io::Write>(
+    writer: &mut CnbLayerWriter<W>,
+    source: &Path,
+    image_path: &str,
+    owner: Owner,
+) -> io::Result<()> {
+    add_layers_parents(writer, image_path, owner)?;
+    writer.add_tree(source, image_path, owner)
 }
 
 /// `/layers` and every directory between it and `image_path`, as the CNB user's 0755

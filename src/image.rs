@@ -163,6 +163,39 @@ pub fn open_source(reference: &ImageRef) -> Result<Box<dyn ImageSource>, ImageEr
     })
 }
 
+/// Opens `reference` if the image is there, `None` if it plainly is not (no such tag,
+/// repository, layout, ref name or archive); any other failure is an error. Builds use it for
+/// the images that are only read when they exist: the previous image and the cache image.
+pub fn open_if_exists(reference: &ImageRef) -> Result<Option<Box<dyn ImageSource>>, ImageError> {
+    match reference {
+        ImageRef::Layout { dir, name } => {
+            if !dir.join("index.json").exists() {
+                return Ok(None);
+            }
+            let layout = Layout::open(dir)?;
+            let wanted = name.as_deref().unwrap_or(crate::reference::DEFAULT_TAG);
+            let named = layout
+                .index_entries()?
+                .iter()
+                .any(|entry| layout::ref_name(entry).as_deref() == Some(wanted));
+            if !named {
+                return Ok(None);
+            }
+        }
+        ImageRef::OciArchive { file, .. } | ImageRef::DockerArchive { file, .. } => {
+            if !file.exists() {
+                return Ok(None);
+            }
+        }
+        ImageRef::Registry(_) => {}
+    }
+    match open_source(reference) {
+        Ok(source) => Ok(Some(source)),
+        Err(ImageError::Registry(RegistryError::NotFound { .. })) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 pub fn open_sink(reference: &ImageRef) -> Result<Box<dyn ImageSink>, ImageError> {
     Ok(match reference {
         ImageRef::Registry(r) => Box::new(RegistrySink::open(r)?),

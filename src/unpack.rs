@@ -150,6 +150,7 @@ pub fn unpack(
         dir_modes: Vec::new(),
         report: UnpackReport::default(),
         as_root: can_set_any_owner(),
+        record_owners: true,
     };
     progress.start(parsed.layers().iter().map(|l| l.size()).sum());
     let applied = parsed
@@ -175,7 +176,39 @@ pub fn unpack(
     Ok(unpacker.report)
 }
 
+/// Extracts one uncompressed layer tar into `target`, an existing directory, with the same
+/// confinement as [`unpack`]; the tar must hash to `diff_id`. Owners are not recorded: the
+/// build cache restores layers for the user who runs the build, who owns them. On failure
+/// `target` may hold part of the tar; the caller extracts into a directory of its own.
+pub fn extract_tar(
+    tar: impl Read,
+    target: &Path,
+    what: &str,
+    diff_id: &str,
+) -> Result<UnpackReport, UnpackError> {
+    let root = Root::open(target).map_err(|e| UnpackError::Io {
+        path: target.to_path_buf(),
+        source: io::Error::other(chain(&e)),
+    })?;
+    let mut unpacker = Unpacker {
+        root,
+        dirs: DirCache {
+            open: HashMap::new(),
+        },
+        copy_buffer: vec![0; 256 * 1024],
+        dir_modes: Vec::new(),
+        report: UnpackReport::default(),
+        as_root: false,
+        record_owners: false,
+    };
+    unpacker.apply_tar(tar, what, diff_id)?;
+    unpacker.finish_dirs()?;
+    Ok(unpacker.report)
+}
+
 struct Unpacker {
+    /// Rootless: keep each entry's owner in the `user.rootlesscontainers` xattr.
+    record_owners: bool,
     root: Root,
     /// Open directories by path, so that most entries cost one `openat` of their final name.
     dirs: DirCache,
@@ -592,6 +625,9 @@ impl Unpacker {
                 Some((owner.gid as u32).into()),
             )
             .map_err(|e| format!("chown: {e}"));
+        }
+        if !self.record_owners {
+            return Ok(());
         }
         if owner.uid != 0 || owner.gid != 0 {
             set_xattr(

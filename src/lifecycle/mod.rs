@@ -9,13 +9,13 @@
 //! lifecycle differ, this follows the lifecycle, because real buildpacks are tested against it.
 
 pub mod build;
-pub mod cache;
 pub mod descriptor;
 pub mod detect;
 pub mod env;
 pub mod launch;
 pub mod order;
 pub mod phase;
+pub mod restore;
 
 use std::fmt;
 use std::path::PathBuf;

@@ -1,16 +1,16 @@
-//! One lifecycle run in the build container, as the reference `creator` runs detect and build
-//! (analyze, restore and export are the host's, which holds the images and the registry
-//! credentials that buildpacks must never see). The request is all a run needs, so the same
+//! One lifecycle run in the build container, as the reference `creator` runs detect, restore
+//! and build (analyze, export and the cache save are the host's, which holds the images and
+//! the registry credentials that buildpacks must never see). The request is all a run needs, so the same
 //! call serves the sandbox's payload and `--sandbox none`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use super::build::{self, BuildRequest};
-use super::cache;
 use super::detect::{self, DetectRequest};
 use super::env::Env;
 use super::order;
+use super::restore::{self, RestoreInput};
 use super::{LifecycleError, PLATFORM_API, Paths, TargetData};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -27,10 +27,8 @@ pub struct PhaseRequest {
     pub detect_timeout: Option<Duration>,
     /// The build container's /etc/os-release (distro for targets that name none).
     pub os_release: PathBuf,
-    /// The cache directory: its layers are restored before the build (unless
-    /// `clear_cache`) and the build's cache layers saved to it after.
-    pub cache: Option<PathBuf>,
-    pub clear_cache: bool,
+    /// What the previous image and the cache give back to the group before the build.
+    pub restore: RestoreInput,
 }
 
 /// Detects a group, writes group.toml and plan.toml, builds, writes config/metadata.toml.
@@ -52,13 +50,9 @@ pub fn run(request: &PhaseRequest) -> Result<(), LifecycleError> {
     for buildpack in &detected.group {
         eprintln!("{} {}", buildpack.id, buildpack.version);
     }
-    if let Some(cache_dir) = &request.cache
-        && !request.clear_cache
-    {
-        eprintln!("===> RESTORING");
-        for layer in cache::restore(cache_dir, &detected.group, &paths.layers)? {
-            eprintln!("Restored {layer} from the cache");
-        }
+    eprintln!("===> RESTORING");
+    for line in restore::restore(&paths.layers, &detected.group, &request.restore)? {
+        eprintln!("{line}");
     }
     eprintln!("===> BUILDING");
     build::build(&BuildRequest {
@@ -71,11 +65,5 @@ pub fn run(request: &PhaseRequest) -> Result<(), LifecycleError> {
         exec_env: &request.exec_env,
         platform_api: PLATFORM_API,
     })?;
-    if let Some(cache_dir) = &request.cache {
-        eprintln!("===> CACHING");
-        for layer in cache::save(cache_dir, &detected.group, &paths.layers)? {
-            eprintln!("Cached {layer}");
-        }
-    }
     Ok(())
 }

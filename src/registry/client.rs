@@ -509,7 +509,7 @@ impl Registry {
                 } else {
                     format!("no tag {reference:?} in repository {repository}")
                 };
-                return Err(RegistryError::Refused {
+                return Err(RegistryError::NotFound {
                     what: what.into(),
                     why,
                 });

@@ -39,6 +39,9 @@ pub enum RegistryError {
     /// The registry answered, and said no (unknown tag, denied, bad request…).
     #[error("{what}: {why}")]
     Refused { what: String, why: String },
+    /// The manifest asked for does not exist (no such tag, digest or repository).
+    #[error("{what}: {why}")]
+    NotFound { what: String, why: String },
     /// The registry could not be reached, or kept failing after the retries.
     #[error("{what}: {why}")]
     Unreachable { what: String, why: String },
