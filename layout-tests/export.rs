@@ -502,3 +502,180 @@ fn tags_name_the_image_where_the_output_is() {
     );
     assert!(!archive.exists());
 }
+
+/// A buildpack with a launch layer it keeps (without a directory) when the previous image has
+/// it at the same version, and a cache-only layer it reuses when the cache restored it.
+fn keeper_buildpack(world: &World) {
+    let dir = world.path("buildpacks/keeper");
+    fs::create_dir_all(dir.join("bin")).unwrap();
+    fs::write(
+        dir.join("buildpack.toml"),
+        "api = \"0.10\"\n[buildpack]\nid = \"lathe-test/keeper\"\nversion = \"1.0.0\"\n",
+    )
+    .unwrap();
+    let build = r#"#!/bin/sh
+set -eu
+layers="$CNB_LAYERS_DIR"
+if [ -n "${KEEP:-}" ] || grep -q 'version = "1"' "$layers/runtime.toml" 2>/dev/null; then
+  [ ! -e "$layers/runtime" ] || { echo "the launch-only layer came back with contents"; exit 1; }
+  echo "keeping runtime from the previous image"
+else
+  echo "making runtime"
+  mkdir -p "$layers/runtime/bin"
+  echo "hello from the runtime layer" > "$layers/runtime/bin/hello"
+fi
+printf '[types]\nlaunch = true\n[metadata]\nversion = "1"\n' > "$layers/runtime.toml"
+if [ -f "$layers/downloads/file" ]; then
+  echo "downloads restored: $(cat "$layers/downloads/file")"
+else
+  mkdir -p "$layers/downloads"
+  echo "downloaded once" > "$layers/downloads/file"
+fi
+printf '[types]\ncache = true\n' > "$layers/downloads.toml"
+cat > "$layers/launch.toml" <<'TOML'
+[[processes]]
+type = "web"
+command = ["sh", "-c", "cat /layers/lathe-test_keeper/runtime/bin/hello"]
+default = true
+TOML
+"#;
+    for (name, body) in [("detect", "#!/bin/sh\nexit 0\n"), ("build", build)] {
+        let path = dir.join("bin").join(name);
+        fs::write(&path, body).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    tool("chmod", &["-R", "a+rX", dir.to_str().unwrap()]);
+}
+
+/// Replaces the lifecycle label of `oci:DIR:name` with text that is not JSON, as a damaged
+/// previous image would have it.
+fn break_lifecycle_label(dir: &Path, name: &str) {
+    let blob = |digest: &str| {
+        dir.join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let put = |bytes: &[u8]| {
+        let hex = sha256_hex(bytes);
+        fs::write(dir.join("blobs/sha256").join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let index_path = dir.join("index.json");
+    let mut index: Value = serde_json::from_slice(&fs::read(&index_path).unwrap()).unwrap();
+    let entry = index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == name)
+        .unwrap();
+    let mut manifest: Value =
+        serde_json::from_slice(&fs::read(blob(entry["digest"].as_str().unwrap())).unwrap())
+            .unwrap();
+    let mut config: Value = serde_json::from_slice(
+        &fs::read(blob(manifest["config"]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    config["config"]["Labels"]["io.buildpacks.lifecycle.metadata"] = "{broken".into();
+    let (digest, size) = put(&serde_json::to_vec(&config).unwrap());
+    manifest["config"]["digest"] = digest.into();
+    manifest["config"]["size"] = size.into();
+    let (digest, size) = put(&serde_json::to_vec(&manifest).unwrap());
+    entry["digest"] = digest.into();
+    entry["size"] = size.into();
+    fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn the_previous_image_and_the_cache_image_give_back_what_a_rebuild_keeps() {
+    let world = World::new();
+    keeper_buildpack(&world);
+    let registry = TestRegistry::start(RegistryConfig::default());
+    let proxy = FaultProxy::start(registry.port, |_| None);
+    let image = format!("docker://{}/kept:1", proxy.host());
+    let cache = format!("--cache-image=docker://{}/kept-cache:1", proxy.host());
+    let app = world.path("apps/site");
+
+    let first = world.build(&app, "keeper", &image, &[&cache]);
+    let first_digest = built_digest(&first);
+    let err = stderr(&first);
+    assert!(err.contains("making runtime"), "{err}");
+    let result: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(
+        result["cache"]["layers"],
+        serde_json::json!(["lathe-test/keeper/downloads"])
+    );
+    let cache_config: Value = serde_json::from_str(&tool(
+        "skopeo",
+        &[
+            "inspect",
+            "--tls-verify=false",
+            "--config",
+            &format!("docker://{}/kept-cache:1", proxy.host()),
+        ],
+    ))
+    .unwrap();
+    let cache_label = label(&cache_config, "io.buildpacks.lifecycle.cache.metadata");
+    let downloads = &cache_label["buildpacks"][0]["layers"]["downloads"];
+    assert_eq!(downloads["cache"], true);
+    assert_eq!(
+        cache_config["rootfs"]["diff_ids"][0], downloads["sha"],
+        "the cache image's layer is the cached layer"
+    );
+
+    // The rebuild keeps the launch layer (no directory: the previous image's blob) and gets
+    // the cache-only layer back from the cache image; nothing new is uploaded.
+    proxy.clear();
+    let second = world.build(&app, "keeper", &image, &[&cache]);
+    assert_eq!(built_digest(&second), first_digest);
+    let err = stderr(&second);
+    assert!(
+        err.contains("keeping runtime from the previous image"),
+        "{err}"
+    );
+    assert!(err.contains("downloads restored: downloaded once"), "{err}");
+    assert!(
+        err.contains("Restoring metadata for \"lathe-test/keeper:runtime\" from app image"),
+        "{err}"
+    );
+    assert_eq!(uploads(&proxy), 0, "{:#?}", proxy.seen());
+    let ran = run_as_unprivileged(&image, &[]);
+    assert_eq!(ran.status.code(), Some(0), "{}", report(&ran));
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout),
+        "hello from the runtime layer\n"
+    );
+
+    // A previous image whose label is damaged: a warning and a full rebuild.
+    let layout = world.path("layout");
+    lathe_ok(&["copy", &image, &format!("oci:{}:bad", layout.display())]);
+    break_lifecycle_label(&layout, "bad");
+    let damaged = world.build(
+        &app,
+        "keeper",
+        &format!("oci:{}:new", world.path("out").display()),
+        &[&format!("--previous-image=oci:{}:bad", layout.display())],
+    );
+    built_digest(&damaged);
+    let err = stderr(&damaged);
+    assert!(
+        err.contains("io.buildpacks.lifecycle.metadata label is not valid")
+            && err.contains("building without reusing its layers"),
+        "{err}"
+    );
+    assert!(err.contains("making runtime"), "{err}");
+
+    // A layer kept without contents that no previous image has: export names it (exit 62).
+    let out_dir = world.path("out2");
+    let orphan = world.build(
+        &app,
+        "keeper",
+        &format!("oci:{}:app", out_dir.display()),
+        &["--env=KEEP=1"],
+    );
+    assert_eq!(orphan.status.code(), Some(62), "{}", report(&orphan));
+    let err = stderr(&orphan);
+    assert!(
+        err.contains("lathe-test/keeper") && err.contains("\"runtime\""),
+        "{err}"
+    );
+    assert!(!out_dir.join("index.json").exists());
+}
