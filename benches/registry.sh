@@ -12,45 +12,11 @@ runs=${RUNS:-3}
 cargo build --release --locked --quiet --bin lathe --example mkimage
 lathe=$PWD/target/release/lathe
 work=$(mktemp -d -p /dev/shm lathe-regbench.XXXXXX)
-registry_pid=
-stop_registry() {
-  if [ -n "$registry_pid" ]; then kill "$registry_pid" 2>/dev/null || true; wait "$registry_pid" 2>/dev/null || true; fi
-  registry_pid=
-}
 trap 'stop_registry; rm -rf "$work"' EXIT
 MKIMAGE=$PWD/target/release/examples/mkimage bash testdata/make-synthetic-image.sh "$work/img"
 img=$work/img
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-reg=127.0.0.1:$port
-cat > "$work/registry.yml" <<EOF
-version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $work/storage
-  delete:
-    enabled: true
-http:
-  addr: $reg
-  secret: lathe-bench-$port
-EOF
-# start_registry [wipe]: (re)starts the registry, with empty storage when asked.
-start_registry() {
-  stop_registry
-  [ "${1:-}" = wipe ] && rm -rf "$work/storage"
-  docker-registry serve "$work/registry.yml" >> "$work/registry.log" 2>&1 &
-  registry_pid=$!
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return
-    sleep 0.05
-  done
-  echo "docker-registry did not start: $(tail -5 "$work/registry.log")" >&2; exit 1
-}
-requests() { grep -c 'response completed' "$work/registry.log" || true; }
+source benches/registry-lib.sh
 
 # run_once NAME CMD: one timed run, its wall seconds appended to $work/NAME.times and its HTTP
 # requests kept in $work/NAME.requests.

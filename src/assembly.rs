@@ -29,6 +29,9 @@ fn io_error(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> ImageErro
     }
 }
 
+/// What a layer's entries are written to (a compressor, or a hasher).
+pub type LayerWriter<'a> = CnbLayerWriter<&'a mut dyn io::Write>;
+
 /// A layer lathe wrote: its blob and its diffID.
 #[derive(Debug, Clone)]
 pub struct MadeLayer {
@@ -121,12 +124,14 @@ impl Assembly {
     pub fn write_layer(
         &mut self,
         what: &str,
-        fill: impl FnOnce(&mut CnbLayerWriter<&File>) -> io::Result<()>,
+        fill: impl FnOnce(&mut LayerWriter) -> io::Result<()>,
     ) -> Result<MadeLayer, ImageError> {
         let tmp = tempfile::NamedTempFile::new_in(self.dir.path())
             .map_err(io_error(self.dir.path().display()))?;
         let written = (|| {
-            let mut writer = CnbLayerWriter::new(tmp.as_file(), self.compression)?;
+            let mut file: &File = tmp.as_file();
+            let mut writer =
+                CnbLayerWriter::new(&mut file as &mut dyn io::Write, self.compression)?;
             fill(&mut writer)?;
             writer.finish().map(|(written, _)| written)
         })()
@@ -143,6 +148,36 @@ impl Assembly {
             blob,
             diff_id: written.diff_id.to_string(),
         })
+    }
+
+    /// Like [`Assembly::write_layer`], but the layer is first hashed uncompressed, which costs
+    /// a fraction of compressing it: when `known` gives a blob (of an input) for its diffID,
+    /// that blob is taken and nothing is compressed. This is how a rebuild reuses the layers
+    /// of the previous image, as the lifecycle's exporter does.
+    pub fn write_layer_or_reuse(
+        &mut self,
+        what: &str,
+        known: impl Fn(&str) -> Option<(usize, Descriptor)>,
+        fill: impl Fn(&mut LayerWriter) -> io::Result<()>,
+    ) -> Result<MadeLayer, ImageError> {
+        let diff_id = (|| {
+            let mut sink = io::sink();
+            let uncompressed = LayerCompression {
+                kind: content::Compression::None,
+                level: 0,
+            };
+            let mut writer = CnbLayerWriter::new(&mut sink as &mut dyn io::Write, uncompressed)?;
+            fill(&mut writer)?;
+            writer
+                .finish()
+                .map(|(written, _)| written.diff_id.to_string())
+        })()
+        .map_err(io_error(what))?;
+        if let Some((input, blob)) = known(&diff_id) {
+            self.take_blob(input, &blob);
+            return Ok(MadeLayer { blob, diff_id });
+        }
+        self.write_layer(what, fill)
     }
 
     /// Stages a config and the OCI manifest naming it and `layers`.

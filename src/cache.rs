@@ -421,25 +421,19 @@ pub fn save_image(
     let (mut metadata, cached, sbom) = collect(layers_dir, &mut report)?;
     let mut assembly = Assembly::new("the cache image", staging_parent)?;
     let previous_input = previous.previous_source.map(|s| assembly.add_input(s));
+    let previous_blobs = previous.previous_blobs;
     let mut layers: Vec<Descriptor> = Vec::new();
     let mut diff_ids: Vec<String> = Vec::new();
     let mut put = |assembly: &mut Assembly,
                    source: &Path,
                    image_path: &str|
      -> Result<(String, bool), CacheError> {
-        let diff_id = hash_layer(|w| add_layers_dir(w, source, image_path, owner))
-            .map_err(|e| invalid(source.display(), e))?;
-        let (blob, reused) = match (previous_input, previous.previous_blobs.get(&diff_id)) {
-            (Some(input), Some(desc)) => {
-                assembly.take_blob(input, desc);
-                (desc.clone(), true)
-            }
-            _ => {
-                let made = assembly
-                    .write_layer(image_path, |w| add_layers_dir(w, source, image_path, owner))?;
-                (made.blob, false)
-            }
-        };
+        let known = |diff_id: &str| Some((previous_input?, previous_blobs.get(diff_id)?.clone()));
+        let made = assembly.write_layer_or_reuse(image_path, known, |w| {
+            add_layers_dir(w, source, image_path, owner)
+        })?;
+        let reused = previous_blobs.contains_key(&made.diff_id);
+        let (blob, diff_id) = (made.blob, made.diff_id);
         if !diff_ids.contains(&diff_id) {
             layers.push(blob);
             diff_ids.push(diff_id.clone());

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Display;
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -25,10 +25,11 @@ use oci_spec::image::{Descriptor, ImageManifest};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
 
+use crate::assembly::LayerWriter;
 use crate::content::{self, Kind};
 use crate::image::{self, ImageError};
 use crate::launcher::{self, LauncherSource};
-use crate::layer::cnb::{CnbLayerWriter, LAUNCHER_PATH, Owner};
+use crate::layer::cnb::{LAUNCHER_PATH, Owner};
 use crate::lifecycle::descriptor::{self, Buildpack, OrderEntry, Target};
 use crate::lifecycle::{ApiVersion, BUILDPACK_APIS, LifecycleError, PLATFORM_API, escape_id};
 use crate::platform::Platform;
@@ -863,7 +864,7 @@ fn platform_folder(dir: &Path, platform: &Platform) -> PathBuf {
 /// The buildpack's layer: its parents, then the tree of `folder` (with the buildpack's own
 /// buildpack.toml in it when `folder` is a per-target folder, as pack copies it there).
 fn add_buildpack_tree(
-    writer: &mut CnbLayerWriter<&File>,
+    writer: &mut LayerWriter,
     buildpack: &Buildpack,
     folder: &Path,
 ) -> io::Result<()> {
@@ -877,7 +878,7 @@ fn add_buildpack_tree(
 }
 
 fn add_children(
-    writer: &mut CnbLayerWriter<&File>,
+    writer: &mut LayerWriter,
     dir: &Path,
     image_dir: &str,
     rel_dir: &str,
@@ -1552,7 +1553,7 @@ fn to_toml<T: Serialize>(value: &T) -> String {
     toml::to_string(value).expect("lathe's own TOML serialises")
 }
 
-fn add_builder_files(writer: &mut CnbLayerWriter<&File>, files: &BuilderFiles) -> io::Result<()> {
+fn add_builder_files(writer: &mut LayerWriter, files: &BuilderFiles) -> io::Result<()> {
     #[derive(Serialize)]
     struct OrderToml<'a> {
         order: &'a [OrderGroup],

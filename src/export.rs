@@ -300,24 +300,19 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         (input, blobs, previous.metadata)
     });
     let mut added: Vec<(String, String)> = Vec::new();
-    // A layer the previous image has (same diffID) is served from it, so a destination that
-    // has the previous image receives nothing new even if its blob was compressed otherwise.
-    let mut add =
-        |assembly: &mut Assembly, made: MadeLayer, what: String, layers: &mut Vec<Descriptor>| {
-            let blob = match &previous {
-                Some((input, blobs, _)) if blobs.contains_key(&made.diff_id) => {
-                    let blob = blobs[&made.diff_id].clone();
-                    assembly.take_blob(*input, &blob);
-                    blob
-                }
-                _ => made.blob,
-            };
-            layers.push(blob);
-            added.push((what, made.diff_id.clone()));
-            made.diff_id
-        };
-    let previous_layer = |id: &str, name: &str| -> Option<MadeLayer> {
-        let (_, blobs, metadata) = previous.as_ref()?;
+    let mut add = |made: MadeLayer, what: String, layers: &mut Vec<Descriptor>| {
+        layers.push(made.blob);
+        added.push((what, made.diff_id.clone()));
+        made.diff_id
+    };
+    // A layer the previous image has (same diffID) is served from it and never compressed
+    // again, so a destination that has the previous image receives nothing new.
+    let known = |diff_id: &str| {
+        let (input, blobs, _) = previous.as_ref()?;
+        Some((*input, blobs.get(diff_id)?.clone()))
+    };
+    let previous_layer = |id: &str, name: &str| -> Option<(usize, MadeLayer)> {
+        let (input, blobs, metadata) = previous.as_ref()?;
         let layer = metadata
             .buildpacks
             .iter()
@@ -325,10 +320,14 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
             .layers
             .get(name)
             .filter(|l| l.launch)?;
-        Some(MadeLayer {
-            blob: blobs.get(&layer.sha)?.clone(),
-            diff_id: layer.sha.clone(),
-        })
+        let blob = blobs.get(&layer.sha)?.clone();
+        Some((
+            *input,
+            MadeLayer {
+                blob,
+                diff_id: layer.sha.clone(),
+            },
+        ))
     };
 
     // Buildpack launch layers, group order then name.
@@ -350,13 +349,13 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
             );
             let diff_id = if layer_dir.is_dir() {
                 let image_path = format!("{LAYERS_DIR}/{}/{}", escape_id(&member.id), file.name);
-                let made = assembly.write_layer(&image_path, |w| {
+                let made = assembly.write_layer_or_reuse(&image_path, known, |w| {
                     add_layers_dir(w, &layer_dir, &image_path, owner)
                 })?;
-                add(&mut assembly, made, what, &mut layers)
+                add(made, what, &mut layers)
             } else {
                 // Kept without contents: the previous image's layer, as it was.
-                let Some(kept) = previous_layer(&member.id, &file.name) else {
+                let Some((input, kept)) = previous_layer(&member.id, &file.name) else {
                     return Err(invalid(
                         file.path.display(),
                         format!(
@@ -367,7 +366,8 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
                         ),
                     ));
                 };
-                add(&mut assembly, kept, what, &mut layers)
+                assembly.take_blob(input, &kept.blob);
+                add(kept, what, &mut layers)
             };
             let data = if file.layer.metadata.is_empty() {
                 Value::Null
@@ -392,15 +392,10 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
     let sbom_dir = layers_dir.join("sbom/launch");
     if sbom_dir.is_dir() {
         let path = format!("{LAYERS_DIR}/sbom/launch");
-        let made = assembly.write_layer("the launch SBOM layer", |w| {
+        let made = assembly.write_layer_or_reuse("the launch SBOM layer", known, |w| {
             add_layers_dir(w, &sbom_dir, &path, owner)
         })?;
-        let sha = add(
-            &mut assembly,
-            made,
-            "Software Bill-of-Materials".into(),
-            &mut layers,
-        );
+        let sha = add(made, "Software Bill-of-Materials".into(), &mut layers);
         lifecycle.sbom = Some(LayerSha { sha });
     }
 
@@ -408,57 +403,44 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
     let app = AppTree::read(request.app_dir, &metadata.slices)?;
     let slice_count = app.slices.len();
     for (i, slice) in app.slices.iter().enumerate() {
-        let made = assembly.write_layer(&format!("app slice {}", i + 1), |w| {
+        let made = assembly.write_layer_or_reuse(&format!("app slice {}", i + 1), known, |w| {
             app.write_slice(w, slice, owner)
         })?;
         let what = format!("Application Slice: {}", i + 1);
-        let sha = add(&mut assembly, made, what, &mut layers);
+        let sha = add(made, what, &mut layers);
         lifecycle.app.push(LayerSha { sha });
     }
-    let made = assembly.write_layer("the app layer", |w| app.write_rest(w, owner))?;
+    let made =
+        assembly.write_layer_or_reuse("the app layer", known, |w| app.write_rest(w, owner))?;
     let what = if slice_count == 0 {
         "Application Layer".to_string()
     } else {
         format!("Application Slice: {}", slice_count + 1)
     };
-    let sha = add(&mut assembly, made, what, &mut layers);
+    let sha = add(made, what, &mut layers);
     lifecycle.app.push(LayerSha { sha });
 
     // Launcher, launcher config, process types.
     let launcher = request.launcher;
-    let made = assembly.write_layer("the launcher layer", |w| w.add_launcher(launcher))?;
-    lifecycle.launcher.sha = add(
-        &mut assembly,
-        made,
-        "Buildpacks Application Launcher".into(),
-        &mut layers,
-    );
+    let made =
+        assembly.write_layer_or_reuse("the launcher layer", known, |w| w.add_launcher(launcher))?;
+    lifecycle.launcher.sha = add(made, "Buildpacks Application Launcher".into(), &mut layers);
     let config_dir = layers_dir.join("config");
     let config_path = format!("{LAYERS_DIR}/config");
-    let made = assembly.write_layer("the launcher config layer", |w| {
+    let made = assembly.write_layer_or_reuse("the launcher config layer", known, |w| {
         add_layers_dir(w, &config_dir, &config_path, owner)
     })?;
-    lifecycle.config.sha = add(
-        &mut assembly,
-        made,
-        "Buildpacks Launcher Config".into(),
-        &mut layers,
-    );
+    lifecycle.config.sha = add(made, "Buildpacks Launcher Config".into(), &mut layers);
     let process_types: Vec<&str> = metadata
         .processes
         .iter()
         .map(|p| p.process_type.as_str())
         .collect();
     if !process_types.is_empty() {
-        let made = assembly.write_layer("the process types layer", |w| {
+        let made = assembly.write_layer_or_reuse("the process types layer", known, |w| {
             w.add_process_type_entries(&process_types)
         })?;
-        lifecycle.process_types.sha = add(
-            &mut assembly,
-            made,
-            "Buildpacks Process Types".into(),
-            &mut layers,
-        );
+        lifecycle.process_types.sha = add(made, "Buildpacks Process Types".into(), &mut layers);
     }
 
     // Run image metadata for rebase.
