@@ -21,6 +21,7 @@ pub mod lifecycle;
 pub mod platform;
 pub mod progress;
 pub mod project;
+pub mod rebase;
 pub mod reference;
 pub mod registry;
 pub mod run;
