@@ -529,9 +529,15 @@ fn a_registry_rebase_moves_no_layer() {
     assert_eq!(manifest_puts, 1);
     assert_eq!(outcome["blobs_written"], 2, "{outcome:#}");
     let body_bytes: usize = seen.iter().map(|s| s.body_len).sum();
+    let layer_bytes: u64 = after_manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .sum();
     eprintln!(
         "registry rebase: {:?}, {} requests ({} HEAD, {} GET, {} POST, {} PUT), {} bytes sent \
-         in request bodies, {} blobs / {} bytes written",
+         in request bodies, {} blobs / {} bytes written; the image's layers: {} bytes",
         elapsed,
         seen.len(),
         seen.iter().filter(|s| s.method == "HEAD").count(),
@@ -541,6 +547,7 @@ fn a_registry_rebase_moves_no_layer() {
         body_bytes,
         outcome["blobs_written"],
         outcome["bytes_written"],
+        layer_bytes,
     );
 
     // The label and config, as on a layout.
