@@ -216,14 +216,7 @@ pub fn rebase(request: &RebaseRequest, progress: &Progress) -> Result<RebaseOutc
         for layer in &base.layers {
             assembly.take_blob(run_input, layer);
         }
-        let config = assembly.write_json(&rebased.config, MediaType::ImageConfig)?;
-        let manifest = json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": config,
-            "layers": rebased.layers,
-        });
-        let manifest = assembly.write_json(&manifest, MediaType::ImageManifest)?;
+        let manifest = assembly.write_image(&rebased.config, &rebased.layers)?;
         let mut report = rebased.report;
         report.digest = manifest.digest().to_string();
         platforms.push(report);
@@ -235,7 +228,7 @@ pub fn rebase(request: &RebaseRequest, progress: &Progress) -> Result<RebaseOutc
 
     let root = match &index {
         None => rebased_children[0].1.clone(),
-        Some((_, index_value)) => {
+        Some(index_value) => {
             let value = rebased_index(index_value, &rebased_children);
             assembly.write_json(&value, MediaType::ImageIndex)?
         }
@@ -285,7 +278,8 @@ pub fn describe(outcome: &RebaseOutcome) -> String {
 
 // ------------------------------------------------------------------------ reading the app
 
-type AppIndex = Option<(Descriptor, Value)>;
+/// The app's index, when it is one.
+type AppIndex = Option<Value>;
 
 /// The app's images: the root itself, or every platform child of its index. Index entries
 /// without a platform (attestations of the old images) are left out, with a note.
@@ -353,7 +347,7 @@ fn read_app(
             if children.is_empty() {
                 return Err(invalid(&what, "the index has no platform images to rebase"));
             }
-            Ok((Some((root, value)), children, notes))
+            Ok((Some(value), children, notes))
         }
         Kind::Other => Err(invalid(
             &what,
