@@ -20,7 +20,7 @@ use crate::layer::LayerCompression;
 use crate::layer::cnb::CnbLayerWriter;
 use crate::platform::Platform;
 use crate::progress::Progress;
-use crate::reference::ImageRef;
+use crate::reference::{ImageRef, RegistryRef};
 
 fn io_error(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> ImageError {
     move |source| ImageError::Io {
@@ -224,6 +224,12 @@ impl Assembly {
         Ok(root)
     }
 
+    /// Sets the image's root to a manifest or index already staged with
+    /// [`Assembly::write_json`] (an index lathe wrote itself, with annotations to keep).
+    pub fn set_root_descriptor(&mut self, root: Descriptor) {
+        self.root = Some(root);
+    }
+
     /// Writes the image to `output` (after [`Assembly::set_root`]).
     pub fn write_to(
         &self,
@@ -263,5 +269,16 @@ impl ImageSource for Assembly {
                 why: format!("blob {key} was neither made nor found in an input image"),
             }),
         }
+    }
+
+    /// A blob taken from an input image in a registry can be mounted from that image's
+    /// repository; a blob lathe made has to be sent.
+    fn blob_location(&self, desc: &Descriptor) -> Option<&RegistryRef> {
+        let key = desc.digest().to_string();
+        if self.made.contains(&key) {
+            return None;
+        }
+        let input = *self.origins.get(&key)?;
+        self.inputs[input].blob_location(desc)
     }
 }

@@ -140,6 +140,23 @@ pub enum Command {
     Run(RunArgs),
     /// Build an app with buildpacks: detect and build in the build image, rootless
     Build(Box<BuildArgs>),
+    /// Move an app image (or a whole index) onto a new run image without rebuilding it
+    #[command(
+        long_about = "Move an app image onto a new run image without rebuilding it, as the \
+                      lifecycle's rebaser does: the layers up to the label's runImage.topLayer \
+                      are replaced by the new run image's, the app's layers and config are kept, \
+                      and the io.buildpacks.lifecycle.metadata label and the io.buildpacks.base.* \
+                      labels are updated. For Platform API 0.12 and later, an image labelled \
+                      io.buildpacks.rebasable=false, a run image whose os, arch, variant or \
+                      distro does not satisfy the app's, or one the label does not name as its \
+                      run image or a mirror is refused unless --force; for older ones the stack \
+                      id and mixins must match. An index is rebased platform by platform onto \
+                      the run image's matching children. Without --output IMAGE itself is \
+                      replaced, atomically. On a registry no layer is downloaded or uploaded: the \
+                      new run image's are mounted from its repository or already there. Exit code \
+                      72 when the rebase fails."
+    )]
+    Rebase(RebaseArgs),
     /// List or prune the store of unpacked root filesystems
     #[command(subcommand)]
     Store(StoreCommand),
@@ -358,6 +375,28 @@ pub struct BuildArgs {
     pub json: bool,
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RebaseArgs {
+    /// The app image or index to rebase (any transport)
+    #[arg(value_parser = parse_ref)]
+    pub image: ImageRef,
+    /// The new run image, an image or an index [default: the run image the app's label names,
+    /// or a mirror of it, one on the app's registry first]
+    #[arg(long, value_name = "REF", value_parser = parse_ref)]
+    pub run_image: Option<ImageRef>,
+    /// Where to write the rebased image (any transport) [default: replace IMAGE]
+    #[arg(long, value_name = "DEST", value_parser = parse_ref)]
+    pub output: Option<ImageRef>,
+    /// Rebase even when the image is labelled not rebasable, the run image's target does not
+    /// satisfy the app's, or the label does not name the run image (warnings instead)
+    #[arg(long)]
+    pub force: bool,
+    /// Print the result (digest, platforms, old and new run images, blobs written) as JSON on
+    /// stdout
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -608,6 +647,27 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Run(args) => return run_command(args, cli.global.quiet),
         Command::Build(args) => return build_command(*args, cli.global.quiet),
+        Command::Rebase(args) => {
+            let request = crate::rebase::RebaseRequest {
+                image: args.image,
+                run_image: args.run_image,
+                output: args.output,
+                force: args.force,
+                staging_parent: None,
+            };
+            let progress = Progress::for_stderr(cli.global.quiet || args.json);
+            let outcome = crate::rebase::rebase(&request, &progress)?;
+            if !cli.global.quiet {
+                for note in &outcome.notes {
+                    eprintln!("note: {note}");
+                }
+            }
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
+            } else if !cli.global.quiet {
+                eprint!("{}", crate::rebase::describe(&outcome));
+            }
+        }
         Command::Store(StoreCommand::Ls { store, json }) => {
             let dir = store.dir();
             let records = crate::store::Store::open(&dir)?.list()?;
@@ -845,12 +905,15 @@ pub fn write_man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// The exit code for an error: 3 for bad arguments, 126/127 when `lathe run` can't execute
-/// the program, 1 otherwise.
+/// the program, the lifecycle's codes for `lathe build` and `lathe rebase` (72), 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     if let Some(e) = err.downcast_ref::<crate::run::RunError>() {
         return e.exit_code();
     }
     if let Some(e) = err.downcast_ref::<crate::build::BuildError>() {
+        return e.exit_code();
+    }
+    if let Some(e) = err.downcast_ref::<crate::rebase::RebaseError>() {
         return e.exit_code();
     }
     if err.downcast_ref::<UsageError>().is_some() {

@@ -743,7 +743,7 @@ fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ExportErr
 }
 
 /// `registry/repo` of `registry/repo:tag@digest`; a layout name stays as it is.
-fn strip_tag_and_digest(name: &str) -> String {
+pub fn strip_tag_and_digest(name: &str) -> String {
     let name = name.split('@').next().unwrap_or(name);
     match name.rfind(':') {
         Some(colon) if !name[colon..].contains('/') => name[..colon].to_string(),

@@ -83,6 +83,12 @@ pub trait ImageSource: Sync {
     fn registry_location(&self) -> Option<&RegistryRef> {
         None
     }
+
+    /// The registry repository blob `desc` can be mounted from: this source's own by default;
+    /// an assembled image answers per blob, for the input image that serves it.
+    fn blob_location(&self, _desc: &Descriptor) -> Option<&RegistryRef> {
+        self.registry_location()
+    }
 }
 
 /// Blobs a sink wrote, and their bytes.
@@ -351,7 +357,7 @@ pub fn read_default_image(source: &dyn ImageSource) -> Result<PlatformImage, Ima
 }
 
 /// The manifest `desc` and its config; `fallback` is the platform when the config names none.
-fn read_manifest_and_config(
+pub fn read_manifest_and_config(
     source: &dyn ImageSource,
     desc: Descriptor,
     fallback: &Platform,

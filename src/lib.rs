@@ -22,6 +22,7 @@ pub mod lifecycle;
 pub mod platform;
 pub mod progress;
 pub mod project;
+pub mod rebase;
 pub mod reference;
 pub mod registry;
 pub mod run;

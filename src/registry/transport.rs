@@ -154,10 +154,12 @@ impl RegistrySink {
         self.registry.request_count()
     }
 
-    /// The repository of `source` to mount blobs from: one on this registry, not this one.
-    fn mount_source(&self, source: &dyn ImageSource) -> Option<String> {
+    /// The repository to mount `desc` from: the one `source` has it in, when that is on this
+    /// registry and not this repository. An assembled image's blobs may come from several
+    /// repositories (an app image's layers and a new run image's, on rebase).
+    fn mount_source(&self, source: &dyn ImageSource, desc: &Descriptor) -> Option<String> {
         source
-            .registry_location()
+            .blob_location(desc)
             .filter(|r| {
                 r.registry == self.reference.registry && r.repository != self.reference.repository
             })
@@ -241,14 +243,18 @@ impl ImageSink for RegistrySink {
         blobs: &[Descriptor],
         progress: &Progress,
     ) -> Result<Transferred, ImageError> {
-        let mount_from = self.mount_source(source);
-        if let Some(from) = &mount_from {
+        let mut order: Vec<(&Descriptor, Option<String>)> = blobs
+            .iter()
+            .map(|d| (d, self.mount_source(source, d)))
+            .collect();
+        order.sort_by_key(|(d, _)| std::cmp::Reverse(d.size()));
+        let mounts: std::collections::BTreeSet<&String> =
+            order.iter().filter_map(|(_, from)| from.as_ref()).collect();
+        for from in mounts {
             self.registry.add_scope(scope(from, "pull"));
         }
-        let mut order: Vec<&Descriptor> = blobs.iter().collect();
-        order.sort_by_key(|d| std::cmp::Reverse(d.size()));
         let this = &*self;
-        let outcomes = parallel_map(&order, PARALLEL_TRANSFERS, |desc| {
+        let outcomes = parallel_map(&order, PARALLEL_TRANSFERS, |(desc, mount_from)| {
             let shown = progress.blob(desc);
             this.registry.upload_blob(
                 &this.reference.repository,
@@ -260,7 +266,7 @@ impl ImageSink for RegistrySink {
             )
         })?;
         let mut transferred = Transferred::default();
-        for (desc, how) in order.into_iter().zip(outcomes) {
+        for ((desc, _), how) in order.into_iter().zip(outcomes) {
             if how == Uploaded::Sent {
                 transferred.add(desc);
             }
