@@ -10,6 +10,7 @@ pub mod build;
 pub mod cli;
 pub mod content;
 pub mod distribution;
+pub mod elfcheck;
 pub mod export;
 pub mod idmap;
 pub mod image;
