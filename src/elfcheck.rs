@@ -30,7 +30,6 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -407,11 +406,11 @@ pub struct ScanOptions {
 
 impl Default for ScanOptions {
     fn default() -> ScanOptions {
+        // Reading 64 bytes of a file the build just wrote is system calls on the page
+        // cache: CPU-bound, so one thread per core (benches/elfcheck.rs).
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // Reading 64 bytes is mostly system-call overhead: two threads per core hide the
-        // latency of the odd uncached file without swamping the machine.
         ScanOptions {
-            threads: (cpus * 2).clamp(1, 16),
+            threads: cpus.clamp(1, 8),
         }
     }
 }
@@ -510,9 +509,10 @@ fn finish(report: &mut ElfReport) {
 
 /// Records what `head` (a file's first bytes) is; returns true to stop the scan when `stop`
 /// says so for an ELF program.
+/// `path` makes the file's path, only for the files that are kept.
 fn record(
     part: &mut Partial,
-    path: &Path,
+    path: impl FnOnce() -> PathBuf,
     head: &[u8],
     stop: &(dyn Fn(&Path, &ElfHeader) -> bool + Sync),
 ) -> bool {
@@ -520,18 +520,16 @@ fn record(
     match classify(head) {
         Head::NotElf => false,
         Head::Malformed(why) => {
-            part.malformed.push((path.to_path_buf(), why));
+            part.malformed.push((path(), why));
             false
         }
         Head::Elf(header) if header.is_program() => {
+            let path = path();
             if part.first_program.is_none() {
-                part.first_program = Some(path.to_path_buf());
+                part.first_program = Some(path.clone());
             }
-            let done = stop(path, &header);
-            part.programs.push(ElfFile {
-                path: path.to_path_buf(),
-                header,
-            });
+            let done = stop(&path, &header);
+            part.programs.push(ElfFile { path, header });
             done
         }
         Head::Elf(_) => false,
@@ -556,6 +554,9 @@ fn read_head<R: Read>(mut reader: R, buf: &mut [u8; HEAD_LEN]) -> io::Result<usi
 struct Queue {
     dirs: VecDeque<PathBuf>,
     busy: usize,
+    /// Threads waiting for a directory: only they are woken, and only as many as there are
+    /// directories (a wake-up is a system call even with no one to wake).
+    waiting: usize,
 }
 
 struct Shared<'a> {
@@ -587,6 +588,7 @@ fn scan_tree(
         queue: Mutex::new(Queue {
             dirs: VecDeque::from([PathBuf::new()]),
             busy: 0,
+            waiting: 0,
         }),
         more: Condvar::new(),
         stop: AtomicBool::new(false),
@@ -631,7 +633,9 @@ fn worker(shared: &Shared) -> Partial {
                 if queue.busy == 0 {
                     return part;
                 }
+                queue.waiting += 1;
                 queue = shared.more.wait(queue).unwrap_or_else(|e| e.into_inner());
+                queue.waiting -= 1;
             }
         };
         let outcome = scan_dir(shared, &dir, &mut part, &mut buf, &mut subdirs);
@@ -647,12 +651,27 @@ fn worker(shared: &Shared) -> Partial {
             }
         }
         subdirs.clear();
-        shared.more.notify_all();
+        let finished =
+            shared.stop.load(Ordering::Relaxed) || (queue.busy == 0 && queue.dirs.is_empty());
+        let wake = if finished {
+            queue.waiting
+        } else {
+            queue.waiting.min(queue.dirs.len())
+        };
+        drop(queue);
+        if finished && wake > 0 {
+            shared.more.notify_all();
+        } else {
+            for _ in 0..wake {
+                shared.more.notify_one();
+            }
+        }
     }
 }
 
 /// Lists `dir` (relative to the root), reads its regular files and collects its
-/// subdirectories; true when the scan is to stop.
+/// subdirectories; true when the scan is to stop. Files are opened relative to the
+/// directory (`openat`), so only directories are looked up by path.
 fn scan_dir(
     shared: &Shared,
     dir: &Path,
@@ -660,33 +679,42 @@ fn scan_dir(
     buf: &mut [u8; HEAD_LEN],
     subdirs: &mut Vec<PathBuf>,
 ) -> Result<bool, ElfCheckError> {
+    use nix::fcntl::{OFlag, open, openat};
+    use nix::sys::stat::Mode;
+
     let full = shared.root.join(dir);
-    let io_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ElfCheckError::Io { path, source }
-    };
-    for entry in std::fs::read_dir(&full).map_err(io_err(&full))? {
+    let io_err = |path: PathBuf| move |source: io::Error| ElfCheckError::Io { path, source };
+    // O_NOFOLLOW: a directory replaced by a symlink since it was listed is not followed.
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let dir_fd =
+        open(&full, flags, Mode::empty()).map_err(|e| io_err(full.clone())(io::Error::from(e)))?;
+    for entry in std::fs::read_dir(&full).map_err(io_err(full.clone()))? {
         if shared.stop.load(Ordering::Relaxed) {
             return Ok(true);
         }
-        let entry = entry.map_err(io_err(&full))?;
-        // From the directory entry where the file system gives a type (no stat), else
-        // lstat: a symlink is a symlink, never what it points to.
-        let kind = entry.file_type().map_err(io_err(&entry.path()))?;
-        let relative = dir.join(entry.file_name());
+        let entry = entry.map_err(io_err(full.clone()))?;
+        let name = entry.file_name();
+        let relative = || dir.join(&name);
+        // The directory entry's type where the file system gives one (no stat), else lstat:
+        // a symlink is a symlink, never what it points to.
+        let kind = entry
+            .file_type()
+            .map_err(|e| io_err(shared.root.join(relative()))(e))?;
         if kind.is_dir() {
-            subdirs.push(relative);
+            subdirs.push(relative());
         } else if kind.is_file() {
-            let path = entry.path();
             // O_NOFOLLOW: a file replaced by a symlink since it was listed is not followed;
             // O_NONBLOCK: nor does one replaced by a fifo hang the scan.
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&path)
-                .map_err(io_err(&path))?;
-            let n = read_head(file, buf).map_err(io_err(&path))?;
-            if record(part, &relative, &buf[..n], shared.done) {
+            let flags = OFlag::O_RDONLY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NOCTTY;
+            let n = openat(&dir_fd, name.as_os_str(), flags, Mode::empty())
+                .map_err(io::Error::from)
+                .and_then(|fd| read_head(std::fs::File::from(fd), buf))
+                .map_err(|e| io_err(shared.root.join(relative()))(e))?;
+            if record(part, relative, &buf[..n], shared.done) {
                 return Ok(true);
             }
         }
@@ -712,7 +740,7 @@ fn scan_tar<R: Read>(
             path: path.clone(),
             source: e,
         })?;
-        if record(part, &path, &buf[..n], done) {
+        if record(part, || path, &buf[..n], done) {
             break;
         }
     }
