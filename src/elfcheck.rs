@@ -21,11 +21,11 @@
 //! cannot be run on any machine; it is listed as malformed, not as foreign. The check knows
 //! machines, not variants: `linux/arm/v6` and `linux/arm/v7` programs look alike here.
 //!
-//! A tree is read by path, so a file whose path below the layer is longer than `PATH_MAX`
-//! (4096 bytes) is an error naming it, as it is for the layer writer, never a file skipped.
-//!
 //! Trees are walked and read by several threads (a shared queue of directories); the result
-//! does not depend on their number or order.
+//! does not depend on their number or order. Each directory is opened by its path and its
+//! files relative to it, so a directory whose path is longer than `PATH_MAX` (4096 bytes) is
+//! an error naming it, as it is for the layer writer, never a part of the tree skipped. The
+//! tree must not change while it is checked (it is the build's own output by then).
 
 use std::collections::VecDeque;
 use std::fmt;
