@@ -407,7 +407,9 @@ pub struct ScanOptions {
 impl Default for ScanOptions {
     fn default() -> ScanOptions {
         // Reading 64 bytes of a file the build just wrote is system calls on the page
-        // cache: CPU-bound, so one thread per core (benches/elfcheck.rs).
+        // cache: CPU-bound (about 7 µs of CPU a file), so one thread per core. On an idle
+        // 2-core VM, benches/elfcheck.rs over 20k files of /usr: 135-141k files/s with one
+        // thread, 259-267k with 2, no more with 4 or 8.
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         ScanOptions {
             threads: cpus.clamp(1, 8),
