@@ -23,14 +23,12 @@ pub static LATHE_LAUNCHER_ARM64: &[u8] = include_bytes!(concat!(
     "/launcher/bin/launcher-arm64"
 ));
 
-/// ELF `e_machine` values.
-pub const EM_386: u16 = 3;
-pub const EM_ARM: u16 = 40;
-pub const EM_X86_64: u16 = 62;
-pub const EM_PPC64: u16 = 21;
-pub const EM_S390: u16 = 22;
-pub const EM_AARCH64: u16 = 183;
-pub const EM_RISCV: u16 = 243;
+// The ELF reading is shared with the layer checks; these names are kept here for the
+// launcher's callers.
+pub use crate::elfcheck::{
+    EM_386, EM_AARCH64, EM_ARM, EM_PPC64, EM_RISCV, EM_S390, EM_X86_64, ElfInfo, ElfMachine,
+    PT_DYNAMIC, PT_INTERP, read_elf,
+};
 
 /// Where a launcher came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,137 +96,6 @@ pub enum LauncherError {
     Flags(String),
 }
 
-/// The ELF machine and class (32 or 64 bits) that run `platform`'s programs.
-pub fn elf_machine_for(platform: &Platform) -> Result<(u16, u8), String> {
-    if platform.os != "linux" {
-        return Err(format!(
-            "launchers are ELF programs for linux, not for {}",
-            platform.os
-        ));
-    }
-    match platform.arch.as_str() {
-        "amd64" => Ok((EM_X86_64, 64)),
-        "arm64" => Ok((EM_AARCH64, 64)),
-        "arm" => Ok((EM_ARM, 32)),
-        "386" => Ok((EM_386, 32)),
-        "ppc64le" => Ok((EM_PPC64, 64)),
-        "s390x" => Ok((EM_S390, 64)),
-        "riscv64" => Ok((EM_RISCV, 64)),
-        other => Err(format!(
-            "lathe knows no ELF machine for architecture {other}"
-        )),
-    }
-}
-
-/// A readable name for an ELF machine: the platform lathe knows it as, or its number.
-pub fn machine_name(machine: u16, class: u8) -> String {
-    match (machine, class) {
-        (EM_X86_64, _) => "linux/amd64".into(),
-        (EM_AARCH64, _) => "linux/arm64".into(),
-        (EM_ARM, _) => "linux/arm".into(),
-        (EM_386, _) => "linux/386".into(),
-        (EM_PPC64, _) => "linux/ppc64le".into(),
-        (EM_S390, _) => "linux/s390x".into(),
-        (EM_RISCV, 64) => "linux/riscv64".into(),
-        (other, class) => format!("ELF machine {other} ({class}-bit)"),
-    }
-}
-
-/// What lathe reads from an ELF header and its program headers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ElfInfo {
-    /// 32 or 64.
-    pub class: u8,
-    pub little_endian: bool,
-    pub machine: u16,
-    /// `e_type`: 2 executable, 3 shared object (PIE).
-    pub kind: u16,
-    /// `p_type` of each program header.
-    pub segments: Vec<u32>,
-}
-
-pub const PT_DYNAMIC: u32 = 2;
-pub const PT_INTERP: u32 = 3;
-
-impl ElfInfo {
-    /// A static program: no interpreter, no dynamic section (so no shared libraries).
-    pub fn is_static(&self) -> bool {
-        !self.segments.contains(&PT_INTERP) && !self.segments.contains(&PT_DYNAMIC)
-    }
-}
-
-/// Reads the ELF header and program header types of `bytes`.
-pub fn read_elf(bytes: &[u8]) -> Result<ElfInfo, String> {
-    if bytes.len() < 52 || &bytes[..4] != b"\x7fELF" {
-        return Err("it is not an ELF file".into());
-    }
-    let class = match bytes[4] {
-        1 => 32,
-        2 => 64,
-        other => return Err(format!("unknown ELF class {other}")),
-    };
-    let little_endian = match bytes[5] {
-        1 => true,
-        2 => false,
-        other => return Err(format!("unknown ELF data encoding {other}")),
-    };
-    let u16_at = |at: usize| -> Option<u16> {
-        let b: [u8; 2] = bytes.get(at..at + 2)?.try_into().ok()?;
-        Some(if little_endian {
-            u16::from_le_bytes(b)
-        } else {
-            u16::from_be_bytes(b)
-        })
-    };
-    let u32_at = |at: usize| -> Option<u32> {
-        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
-        Some(if little_endian {
-            u32::from_le_bytes(b)
-        } else {
-            u32::from_be_bytes(b)
-        })
-    };
-    let u64_at = |at: usize| -> Option<u64> {
-        let b: [u8; 8] = bytes.get(at..at + 8)?.try_into().ok()?;
-        Some(if little_endian {
-            u64::from_le_bytes(b)
-        } else {
-            u64::from_be_bytes(b)
-        })
-    };
-    let truncated = || "its ELF header is truncated".to_string();
-    let kind = u16_at(16).ok_or_else(truncated)?;
-    let machine = u16_at(18).ok_or_else(truncated)?;
-    let (phoff, phentsize, phnum) = if class == 64 {
-        (
-            u64_at(32).ok_or_else(truncated)?,
-            u16_at(54).ok_or_else(truncated)?,
-            u16_at(56).ok_or_else(truncated)?,
-        )
-    } else {
-        (
-            u64::from(u32_at(28).ok_or_else(truncated)?),
-            u16_at(42).ok_or_else(truncated)?,
-            u16_at(44).ok_or_else(truncated)?,
-        )
-    };
-    let mut segments = Vec::new();
-    for n in 0..u64::from(phnum) {
-        let at = phoff
-            .checked_add(n * u64::from(phentsize))
-            .and_then(|at| usize::try_from(at).ok())
-            .ok_or_else(|| "its program headers are out of range".to_string())?;
-        segments.push(u32_at(at).ok_or_else(|| "its program headers are truncated".to_string())?);
-    }
-    Ok(ElfInfo {
-        class,
-        little_endian,
-        machine,
-        kind,
-        segments,
-    })
-}
-
 /// lathe's own launcher for `platform`, if it has one.
 pub fn lathe_launcher(platform: &Platform) -> Option<&'static [u8]> {
     match (platform.os.as_str(), platform.arch.as_str()) {
@@ -240,8 +107,8 @@ pub fn lathe_launcher(platform: &Platform) -> Option<&'static [u8]> {
 
 /// Refuses `bytes` (the launcher at `path`) unless it is an ELF program for `platform`.
 pub fn check_launcher(platform: &Platform, path: &Path, bytes: &[u8]) -> Result<(), LauncherError> {
-    let (wanted_machine, wanted_class) =
-        elf_machine_for(platform).map_err(|why| LauncherError::UnknownMachine {
+    let wanted =
+        ElfMachine::for_platform(platform).map_err(|why| LauncherError::UnknownMachine {
             platform: platform.clone(),
             why,
         })?;
@@ -250,13 +117,14 @@ pub fn check_launcher(platform: &Platform, path: &Path, bytes: &[u8]) -> Result<
         platform: platform.clone(),
         why,
     })?;
-    if elf.machine != wanted_machine || elf.class != wanted_class {
+    let found = elf.elf_machine();
+    if found != wanted {
         return Err(LauncherError::WrongMachine {
             path: path.to_path_buf(),
             platform: platform.clone(),
-            found: machine_name(elf.machine, elf.class),
-            found_machine: elf.machine,
-            wanted_machine,
+            found: found.to_string(),
+            found_machine: found.machine,
+            wanted_machine: wanted.machine,
         });
     }
     Ok(())

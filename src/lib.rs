@@ -11,6 +11,7 @@ pub mod cache;
 pub mod cli;
 pub mod content;
 pub mod distribution;
+pub mod elfcheck;
 pub mod export;
 pub mod idmap;
 pub mod image;
