@@ -679,3 +679,55 @@ fn the_previous_image_and_the_cache_image_give_back_what_a_rebuild_keeps() {
     );
     assert!(!out_dir.join("index.json").exists());
 }
+
+/// An ELF program for another machine in a launch layer (here lathe's arm64 launcher in an
+/// amd64 image) fails the export naming the buildpack, layer and file, unless
+/// `--allow-foreign-binaries`, which lets it through with a warning.
+#[test]
+fn a_program_for_another_machine_in_a_launch_layer_is_named() {
+    let world = World::new();
+    let dir = world.path("buildpacks/foreign");
+    fs::create_dir_all(dir.join("bin")).unwrap();
+    fs::write(
+        dir.join("buildpack.toml"),
+        "api = \"0.10\"\n[buildpack]\nid = \"lathe-test/foreign\"\nversion = \"1.0.0\"\n",
+    )
+    .unwrap();
+    fs::copy(
+        repo_root().join("launcher/bin/launcher-arm64"),
+        dir.join("tool-arm64"),
+    )
+    .unwrap();
+    let build = "#!/bin/sh\nset -eu\nmkdir -p \"$CNB_LAYERS_DIR/tools/bin\"\n\
+                 cp \"$CNB_BUILDPACK_DIR/tool-arm64\" \"$CNB_LAYERS_DIR/tools/bin/tool\"\n\
+                 printf '[types]\\nlaunch = true\\n' > \"$CNB_LAYERS_DIR/tools.toml\"\n";
+    for (name, body) in [("detect", "#!/bin/sh\nexit 0\n"), ("build", build)] {
+        let path = dir.join("bin").join(name);
+        fs::write(&path, body).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    tool("chmod", &["-R", "a+rX", dir.to_str().unwrap()]);
+    let out_dir = world.path("out");
+    let image = format!("oci:{}:app", out_dir.display());
+    let app = world.path("apps/site");
+
+    let refused = world.build(&app, "foreign", &image, &[]);
+    assert_eq!(refused.status.code(), Some(62), "{}", report(&refused));
+    let err = stderr(&refused);
+    assert!(
+        err.contains("lathe-test/foreign@1.0.0 layer \"tools\"")
+            && err.contains("bin/tool: linux/arm64")
+            && err.contains("linux/amd64")
+            && err.contains("--allow-foreign-binaries"),
+        "{err}"
+    );
+    assert!(!out_dir.join("index.json").exists(), "nothing is written");
+
+    let allowed = world.build(&app, "foreign", &image, &["--allow-foreign-binaries"]);
+    built_digest(&allowed);
+    assert!(
+        stderr(&allowed).contains("bin/tool: linux/arm64"),
+        "{}",
+        report(&allowed)
+    );
+}

@@ -157,6 +157,9 @@ pub struct BuildRequest {
     pub source_date_epoch: Option<String>,
     /// No progress output while writing the image.
     pub quiet: bool,
+    /// Programs for another machine than the target's in launch or app layers are a warning,
+    /// not an export error.
+    pub allow_foreign_binaries: bool,
 }
 
 /// A layer a buildpack made.
@@ -995,9 +998,14 @@ fn export_and_write(
             .unwrap_or_else(|| serde_json::json!({})),
         default_process: request.default_process.clone(),
         created,
+        allow_foreign_binaries: request.allow_foreign_binaries,
         staging_parent: Some(inputs.staging),
     })
     .map_err(export_error)?;
+    for warning in &exported.warnings {
+        tracing::warn!("{warning}");
+    }
+    notes.extend(exported.warnings.iter().cloned());
     let progress = crate::progress::Progress::for_stderr(request.quiet);
     let mut references = Vec::new();
     let mut written = None;

@@ -356,6 +356,10 @@ pub struct BuildArgs {
     /// Don't restore the cache before building (it is still saved after)
     #[arg(long)]
     pub clear_cache: bool,
+    /// Let programs (ELF) for another machine than the target's into the image's launch and
+    /// app layers, with a warning (by default they fail the export, naming each file)
+    #[arg(long)]
+    pub allow_foreign_binaries: bool,
     /// The image whose layers this build reuses (default: --output, when it is a registry or
     /// an OCI layout)
     #[arg(long, value_name = "REF", value_parser = parse_ref)]
@@ -836,6 +840,7 @@ fn build_command(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
         cache_image: args.cache_image.clone(),
         clear_cache: args.clear_cache,
         previous_image: args.previous_image.clone(),
+        allow_foreign_binaries: args.allow_foreign_binaries,
         default_process: args.default_process.clone(),
         launchers: args.launcher.clone(),
         source_date_epoch: std::env::var("SOURCE_DATE_EPOCH").ok(),

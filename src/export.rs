@@ -102,6 +102,9 @@ pub struct ExportRequest<'a> {
     pub default_process: Option<String>,
     /// The `created` time of the config and history (RFC 3339).
     pub created: String,
+    /// Let programs for another machine than the run image's into launch and app layers
+    /// (each is then a warning instead of an error).
+    pub allow_foreign_binaries: bool,
     /// Where the staged blobs go (the system's temporary directory when `None`).
     pub staging_parent: Option<&'a Path>,
 }
@@ -114,6 +117,8 @@ pub struct Exported {
     /// Every layer added on top of the run image, in order, as (what, diffID).
     pub added: Vec<(String, String)>,
     pub default_process: Option<String>,
+    /// Programs for another machine let through by `allow_foreign_binaries`.
+    pub warnings: Vec<String>,
 }
 
 // ------------------------------------------------------------------- label schemas (§2.9)
@@ -293,6 +298,28 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         .ok_or_else(|| invalid(&run_what, "the run image has no layers"))?;
 
     let owner = request.owner;
+    let mut warnings = Vec::new();
+    // Every ELF program in a launch or app layer must be for the run image's machine (a
+    // platform lathe knows no ELF machine for is not checked).
+    let mut check_programs = |dir: &Path, what: &str| -> Result<(), ExportError> {
+        match crate::elfcheck::check_tree(dir, &run.platform) {
+            Ok(report) => match report.require_target(what) {
+                Ok(_) => Ok(()),
+                Err(e) if request.allow_foreign_binaries => {
+                    warnings.push(format!("{e} (let through by --allow-foreign-binaries)"));
+                    Ok(())
+                }
+                Err(e) => Err(invalid(
+                    what,
+                    format!("{e}\n(--allow-foreign-binaries lets such layers through)")
+                        .trim_start_matches(&format!("{what} "))
+                        .to_string(),
+                )),
+            },
+            Err(crate::elfcheck::ElfCheckError::Target(_)) => Ok(()),
+            Err(e) => Err(invalid(dir.display(), e.to_string())),
+        }
+    };
     let previous = request.previous.map(|previous| {
         let input = assembly.add_input(previous.source);
         let blobs: HashMap<String, Descriptor> =
@@ -348,6 +375,13 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
                 file.name, member.id, member.version
             );
             let diff_id = if layer_dir.is_dir() {
+                check_programs(
+                    &layer_dir,
+                    &format!(
+                        "buildpack {}@{} layer {:?}",
+                        member.id, member.version, file.name
+                    ),
+                )?;
                 let image_path = format!("{LAYERS_DIR}/{}/{}", escape_id(&member.id), file.name);
                 let made = assembly.write_layer_or_reuse(&image_path, known, |w| {
                     add_layers_dir(w, &layer_dir, &image_path, owner)
@@ -400,6 +434,7 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
     }
 
     // App layers: one per slice, then the rest.
+    check_programs(request.app_dir, "the app")?;
     let app = AppTree::read(request.app_dir, &metadata.slices)?;
     let slice_count = app.slices.len();
     for (i, slice) in app.slices.iter().enumerate() {
@@ -541,6 +576,7 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         platform: run.platform,
         added,
         default_process,
+        warnings,
     })
 }
 
