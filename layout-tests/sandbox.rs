@@ -662,6 +662,67 @@ fn the_stored_rootfs_is_never_changed_and_is_reused_nested() {
     the_stored_rootfs_is_never_changed_and_is_reused(Who::Nested);
 }
 
+/// `store ls` and `store prune` of a store that does not exist (given, or the default one
+/// under XDG_CACHE_HOME) say it is empty and leave the filesystem as it was.
+#[test]
+fn ls_and_prune_of_a_missing_store_create_nothing() {
+    let work = Work::new();
+    let cache = work.path().join("cache");
+    fs::create_dir(&cache).unwrap();
+    let missing = work.path().join("no-store");
+    let before = snapshot(work.path());
+    for (args, env) in [
+        (
+            vec!["store", "ls", "--store", missing.to_str().unwrap()],
+            None,
+        ),
+        (
+            vec![
+                "store",
+                "ls",
+                "--json",
+                "--store",
+                missing.to_str().unwrap(),
+            ],
+            None,
+        ),
+        (vec!["store", "ls"], Some(&cache)),
+        (
+            vec!["store", "prune", "--store", missing.to_str().unwrap()],
+            None,
+        ),
+        (
+            vec![
+                "store",
+                "prune",
+                "--all",
+                "--store",
+                missing.to_str().unwrap(),
+            ],
+            None,
+        ),
+        (vec!["store", "prune", "--all"], Some(&cache)),
+    ] {
+        let mut command = work.command(Who::TestUser, &args);
+        if let Some(cache) = env {
+            command.env("XDG_CACHE_HOME", cache);
+        }
+        let ran = start(command, work.logs.path()).wait(LIMIT);
+        assert_eq!(ran.code, Some(0), "{args:?}: {ran}");
+        if args.contains(&"--json") {
+            assert_eq!(ran.stdout.trim(), "[]", "{args:?}: {ran}");
+        } else {
+            assert_eq!(ran.stdout, "", "{args:?}: {ran}");
+        }
+        assert_eq!(
+            snapshot(work.path()),
+            before,
+            "{args:?} changed the filesystem"
+        );
+    }
+    assert!(!missing.exists() && !cache.join("lathe").exists());
+}
+
 #[test]
 fn concurrent_runs_on_an_empty_store_share_one_rootfs() {
     for who in [Who::TestUser, Who::Unprivileged] {

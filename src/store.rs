@@ -5,6 +5,9 @@
 //! sibling that is renamed into place whole; afterwards it is only ever read: runs get an
 //! overlay or a private copy in the store's scratch area. Every user of the store holds a
 //! shared lock on it, and `prune` takes it exclusively, so nothing in use is removed.
+//!
+//! The store is made on first use, not on open: `ls` and `prune` of a store that does not
+//! exist report it empty and create nothing.
 
 use std::fs::{self, File};
 use std::io;
@@ -47,9 +50,13 @@ pub struct RootfsRecord {
 
 pub struct Store {
     dir: PathBuf,
-    /// Shared for as long as this handle lives; prune takes it exclusively.
-    _lock: Flock<File>,
+    /// Shared from the handle's first use for as long as it lives; prune takes it
+    /// exclusively.
+    lock: std::sync::Mutex<Option<Flock<File>>>,
 }
+
+/// The file every user of a store locks; it exists once a store has been used.
+const LOCK_FILE: &str = "locks/store.lock";
 
 impl Store {
     /// `dir`, or `$XDG_CACHE_HOME/lathe`, or `~/.cache/lathe`.
@@ -61,28 +68,47 @@ impl Store {
         PathBuf::from(home).join(".cache/lathe")
     }
 
+    /// A handle on the store in `dir`. Nothing is created until it is used; a store that
+    /// exists is locked (shared) at once.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Self::open_locked(dir, FlockArg::LockShared)
+        let store = Store {
+            dir: dir.to_path_buf(),
+            lock: std::sync::Mutex::new(None),
+        };
+        if store.exists() {
+            store.ensure()?;
+        }
+        Ok(store)
     }
 
-    fn open_locked(dir: &Path, how: FlockArg) -> Result<Store, StoreError> {
+    /// Whether a lathe process has ever used this store.
+    fn exists(&self) -> bool {
+        self.dir.join(LOCK_FILE).is_file()
+    }
+
+    /// Makes the store's directories and takes the shared lock, once.
+    fn ensure(&self) -> Result<(), StoreError> {
+        let mut lock = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if lock.is_none() {
+            *lock = Some(Self::lock_dir(&self.dir, FlockArg::LockShared)?);
+        }
+        Ok(())
+    }
+
+    fn lock_dir(dir: &Path, how: FlockArg) -> Result<Flock<File>, StoreError> {
         for sub in ["rootfs", "tmp", "locks"] {
             fs::create_dir_all(dir.join(sub)).map_err(io_err(dir))?;
         }
-        let lock_path = dir.join("locks/store.lock");
+        let lock_path = dir.join(LOCK_FILE);
         let file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
             .map_err(io_err(&lock_path))?;
-        let lock = Flock::lock(file, how).map_err(|(_, e)| StoreError::Io {
+        Flock::lock(file, how).map_err(|(_, e)| StoreError::Io {
             path: lock_path.clone(),
             why: e.to_string(),
-        })?;
-        Ok(Store {
-            dir: dir.to_path_buf(),
-            _lock: lock,
         })
     }
 
@@ -99,6 +125,7 @@ impl Store {
         platform: &str,
         progress: &dyn ByteProgress,
     ) -> Result<(PathBuf, bool), StoreError> {
+        self.ensure()?;
         let hex = manifest.digest().digest().to_string();
         let path = self.dir.join("rootfs").join(&hex);
         let record = self.dir.join("rootfs").join(format!("{hex}.json"));
@@ -147,6 +174,7 @@ impl Store {
 
     /// A fresh scratch directory for one run, removed when dropped.
     pub fn scratch(&self) -> Result<tempfile::TempDir, StoreError> {
+        self.ensure()?;
         let tmp = self.dir.join("tmp");
         tempfile::Builder::new()
             .prefix("run-")
@@ -154,8 +182,13 @@ impl Store {
             .map_err(io_err(&tmp))
     }
 
-    /// The root filesystems in the store, most recently used first.
+    /// The root filesystems in the store, most recently used first (none, and nothing
+    /// created, when the store does not exist).
     pub fn list(&self) -> Result<Vec<RootfsRecord>, StoreError> {
+        if !self.exists() {
+            return Ok(Vec::new());
+        }
+        self.ensure()?;
         let dir = self.dir.join("rootfs");
         let mut found = Vec::new();
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
@@ -184,18 +217,22 @@ impl Store {
     }
 
     /// Removes what killed runs left behind, root filesystems unused for `unused_for` (all of
-    /// them when `None`), and unfinished unpacks. Waits for running users of the store.
+    /// them when `None`), and unfinished unpacks. Waits for running users of the store. A
+    /// store that does not exist is left so.
     pub fn prune(dir: &Path, unused_for: Option<Duration>) -> Result<PruneReport, StoreError> {
-        let store = Store::open_locked(dir, FlockArg::LockExclusive)?;
         let mut report = PruneReport::default();
-        let tmp = store.dir.join("tmp");
+        if !dir.join(LOCK_FILE).is_file() {
+            return Ok(report);
+        }
+        let _lock = Self::lock_dir(dir, FlockArg::LockExclusive)?;
+        let tmp = dir.join("tmp");
         for entry in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
             let entry = entry.map_err(io_err(&tmp))?;
             report.bytes += tree_size(&entry.path());
             crate::layout::remove_tree(&entry.path()).map_err(io_err(&entry.path()))?;
             report.scratch_dirs += 1;
         }
-        let rootfs = store.dir.join("rootfs");
+        let rootfs = dir.join("rootfs");
         for entry in fs::read_dir(&rootfs).map_err(io_err(&rootfs))? {
             let entry = entry.map_err(io_err(&rootfs))?;
             let path = entry.path();
@@ -238,4 +275,63 @@ fn tree_size(path: &Path) -> u64 {
         .filter_map(|e| e.metadata().ok())
         .map(|m| m.blocks() * 512)
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = walkdir::WalkDir::new(dir)
+            .into_iter()
+            .flatten()
+            .map(|e| e.path().display().to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn ls_and_prune_of_a_store_that_does_not_exist_create_nothing() {
+        let parent = tempfile::tempdir().unwrap();
+        let missing = parent.path().join("store");
+        assert!(Store::open(&missing).unwrap().list().unwrap().is_empty());
+        let report = Store::prune(&missing, None).unwrap();
+        assert_eq!((report.root_filesystems, report.scratch_dirs), (0, 0));
+        assert!(
+            !missing.exists(),
+            "ls or prune created {}",
+            missing.display()
+        );
+        // An empty directory given as the store stays empty too.
+        fs::create_dir(&missing).unwrap();
+        assert!(Store::open(&missing).unwrap().list().unwrap().is_empty());
+        Store::prune(&missing, Some(Duration::from_secs(1))).unwrap();
+        assert_eq!(entries(&missing), [missing.display().to_string()]);
+    }
+
+    #[test]
+    fn a_store_is_made_on_first_use_and_then_locked() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("store");
+        let store = Store::open(&dir).unwrap();
+        assert!(!dir.exists());
+        let scratch = store.scratch().unwrap();
+        assert!(scratch.path().starts_with(dir.join("tmp")));
+        assert!(dir.join(LOCK_FILE).is_file());
+        // The shared lock is held: an exclusive one can't be had while the handle lives.
+        let file = File::open(dir.join(LOCK_FILE)).unwrap();
+        let refused = Flock::lock(file, FlockArg::LockExclusiveNonblock);
+        assert!(refused.is_err(), "the handle holds no lock");
+        drop(refused);
+        drop(scratch);
+        drop(store);
+        let file = File::open(dir.join(LOCK_FILE)).unwrap();
+        assert!(Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok());
+        // Opening a store that exists locks it at once.
+        let store = Store::open(&dir).unwrap();
+        let file = File::open(dir.join(LOCK_FILE)).unwrap();
+        assert!(Flock::lock(file, FlockArg::LockExclusiveNonblock).is_err());
+        drop(store);
+    }
 }
