@@ -1205,6 +1205,52 @@ fn without_user_namespaces_lathe_says_why_and_what_to_do() {
     }
 }
 
+/// `--sandbox auto` probes user namespaces without running anything: with the host's `true`
+/// made unexecutable (/dev/null bound over it, in a private mount namespace of a rootless
+/// user namespace), `lathe run` still runs.
+#[test]
+fn the_auto_probe_runs_no_program() {
+    let work = Work::new();
+    let store = work.store_arg();
+    let marker = format!("LATHE_TEST_MARKER={}", work.marker);
+    let lathe = world_lathe();
+    let script = r#"set -e
+for p in /bin/true /usr/bin/true; do [ -e "$p" ] && mount --bind /dev/null "$p"; done
+if /bin/true 2>/dev/null || /usr/bin/true 2>/dev/null; then echo "true still runs"; exit 99; fi
+exec "$@""#;
+    let mut command = Command::new("unshare");
+    command
+        .args([
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(&lathe)
+        .args([
+            "run",
+            "--sandbox",
+            "auto",
+            "--store",
+            &store,
+            "--env",
+            &marker,
+            &fixture("run"),
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo ran as $(id -u)",
+        ])
+        .current_dir(work.path());
+    let ran = start(command, work.logs.path()).wait(LIMIT);
+    assert_eq!(ran.code, Some(0), "{ran}");
+    assert_eq!(ran.stdout, "ran as 1001\n", "{ran}");
+    work.assert_nothing_left("after the probe with `true` masked");
+}
+
 // ---------------------------------------------------------------------------------------
 // Bad input.
 

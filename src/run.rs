@@ -241,9 +241,11 @@ pub fn run_image(
 
     // `auto` means user namespaces for `lathe run` (`none` is refused above); where they are
     // unavailable, say why before unpacking anything.
-    if request.sandbox == SandboxMode::Auto && !sandbox::user_namespaces_work() {
+    if request.sandbox == SandboxMode::Auto
+        && let Err(why) = sandbox::probe_user_namespaces()
+    {
         return Err(sandbox::SandboxError::NoUserNamespace {
-            why: "unshare(CLONE_NEWUSER) was refused".into(),
+            why,
             diagnosis: sandbox::diagnose_user_namespaces(),
         }
         .into());

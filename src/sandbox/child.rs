@@ -41,11 +41,7 @@ pub fn sandbox_init() -> ! {
         Ok(spec) => spec,
         Err(why) => report.fail(Message::SetupFailed(format!("sandbox spec: {why}"))),
     };
-    let mut flags = CloneFlags::CLONE_NEWUSER
-        | CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC;
+    let mut flags = CloneFlags::from_bits_truncate(super::sys::SANDBOX_NAMESPACES);
     if spec.network == Network::None {
         flags |= CloneFlags::CLONE_NEWNET;
     }

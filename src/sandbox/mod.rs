@@ -497,21 +497,33 @@ pub fn diagnose_user_namespaces() -> String {
     }
 }
 
-/// Whether user namespaces can be made here, tried in a throwaway child (this process may
-/// have threads, which unshare refuses).
-pub fn user_namespaces_work() -> bool {
-    let mut probe = Command::new("/bin/true");
-    // SAFETY: unshare is async-signal-safe; the child is single-threaded after fork.
-    unsafe {
-        probe.pre_exec(|| {
-            if libc::unshare(libc::CLONE_NEWUSER) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
+/// Whether user namespaces (and the sandbox's other namespaces) can be made here: a forked
+/// child of this process tries `unshare` and exits, executing nothing. `Err` says why not.
+pub fn probe_user_namespaces() -> Result<(), String> {
+    probe_verdict(sys::fork_and_unshare(sys::SANDBOX_NAMESPACES)?)
+}
+
+/// What the probe child's end says: exit 0 is success, exit N the errno of a refused
+/// unshare.
+pub fn probe_verdict(status: nix::sys::wait::WaitStatus) -> Result<(), String> {
+    use nix::sys::wait::WaitStatus;
+    match status {
+        WaitStatus::Exited(_, 0) => Ok(()),
+        WaitStatus::Exited(_, errno) => Err(format!(
+            "unshare(CLONE_NEWUSER) was refused: {}",
+            nix::errno::Errno::from_raw(errno).desc()
+        )),
+        WaitStatus::Signaled(_, signal, _) => Err(format!(
+            "the user namespace probe was killed by {signal} (a seccomp filter that kills, \
+             perhaps)"
+        )),
+        other => Err(format!("the user namespace probe ended oddly ({other:?})")),
     }
-    probe.status().is_ok_and(|s| s.success())
+}
+
+/// Whether user namespaces can be made here (see [`probe_user_namespaces`]).
+pub fn user_namespaces_work() -> bool {
+    probe_user_namespaces().is_ok()
 }
 
 #[cfg(test)]
@@ -536,6 +548,57 @@ mod tests {
         let ranges = id_ranges(2000, Some((100_000, 65536)));
         assert_eq!(ranges, vec![(0, 2000, 1), (1, 100_000, 65535)]);
         assert!(!nests_user_namespace(2000, Some((100_000, 65536))));
+    }
+
+    #[test]
+    fn the_probe_verdict_names_the_errno_or_the_signal() {
+        use nix::sys::signal::Signal;
+        use nix::sys::wait::WaitStatus;
+        let pid = nix::unistd::Pid::from_raw(42);
+        assert_eq!(probe_verdict(WaitStatus::Exited(pid, 0)), Ok(()));
+        let refused = probe_verdict(WaitStatus::Exited(pid, libc::EPERM)).unwrap_err();
+        assert_eq!(
+            refused,
+            "unshare(CLONE_NEWUSER) was refused: Operation not permitted"
+        );
+        let too_many = probe_verdict(WaitStatus::Exited(pid, libc::ENOSPC)).unwrap_err();
+        assert!(too_many.ends_with("No space left on device"), "{too_many}");
+        let killed = probe_verdict(WaitStatus::Signaled(pid, Signal::SIGSYS, false)).unwrap_err();
+        assert!(killed.contains("SIGSYS"), "{killed}");
+    }
+
+    /// The probe answers what `unshare --user` answers, from this test process, which has
+    /// threads (unshare(CLONE_NEWUSER) itself would be refused in it).
+    #[test]
+    fn the_probe_agrees_with_unshare_and_works_in_a_threaded_process() {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || stopped.recv());
+        let threads = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().parse::<u32>()))
+            .unwrap()
+            .unwrap();
+        assert!(threads > 1);
+        // SAFETY: unshare has no memory preconditions; EINVAL is what a threaded process gets.
+        let direct = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
+        assert_eq!(
+            (direct, nix::errno::Errno::last()),
+            (-1, nix::errno::Errno::EINVAL)
+        );
+        let oracle = Command::new("unshare")
+            .args(["--user", "--mount", "--pid", "--uts", "--ipc", "true"])
+            .status()
+            .expect("unshare(1) from util-linux")
+            .success();
+        assert_eq!(
+            probe_user_namespaces().is_ok(),
+            oracle,
+            "{:?}",
+            probe_user_namespaces()
+        );
+        stop.send(()).unwrap();
+        thread.join().unwrap().unwrap();
     }
 
     #[test]
