@@ -10,6 +10,8 @@
 //! either may be left, and no mount under the test's directory.
 
 mod common;
+#[path = "common/registry.rs"]
+mod registry_support;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -23,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use registry_support::{FaultProxy, RegistryConfig, TestRegistry};
 
 const NOBODY: u32 = 65534;
 
@@ -749,6 +752,197 @@ fn concurrent_runs_on_an_empty_store_share_one_rootfs() {
         assert_eq!(entries, 2, "one tree and its record");
         assert_eq!(store_ls(&work, who).len(), 1);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Images from a registry: the store keeps what was pulled.
+
+/// The blob GETs (configs and layers) a proxy saw, by digest.
+fn blob_gets(proxy: &FaultProxy) -> Vec<String> {
+    proxy
+        .seen()
+        .iter()
+        .filter(|s| s.method == "GET" && s.path().contains("/blobs/sha256:"))
+        .map(|s| s.path().rsplit('/').next().unwrap().to_string())
+        .collect()
+}
+
+/// The layer digests of one platform of the fixture image `name`.
+fn fixture_layers(name: &str, platform: &str) -> Vec<String> {
+    let (os, arch) = platform.split_once('/').unwrap();
+    let images = world().join("images");
+    let blob = |digest: &str| -> serde_json::Value {
+        let path = images
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(images.join("index.json")).unwrap()).unwrap();
+    let wanted = format!("{name}-{os}-{arch}");
+    let manifest = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == wanted.as_str())
+        .unwrap_or_else(|| panic!("{wanted} in the fixtures"));
+    blob(manifest["digest"].as_str().unwrap())["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A registry holding the fixture run image (both platforms) behind a counting proxy.
+fn registry_with_the_run_image() -> (TestRegistry, FaultProxy, String) {
+    let registry = TestRegistry::start(RegistryConfig::default());
+    let proxy = FaultProxy::start(registry.port, |_| None);
+    let image = format!("docker://{}/lathe/run:1", proxy.host());
+    let out = lathe(&["copy", &fixture("run"), &image]);
+    assert!(out.status.success(), "{}", report(&out));
+    (registry, proxy, image)
+}
+
+fn a_second_run_from_a_registry_downloads_nothing(who: Who) {
+    let (_registry, proxy, image) = registry_with_the_run_image();
+    let work = Work::new();
+    let layers = fixture_layers("run", "linux/amd64");
+    let script = "uname -m; id -u";
+    proxy.clear();
+    let started = Instant::now();
+    let ran = work.run(
+        who,
+        &[
+            "--platform",
+            "linux/amd64",
+            &image,
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ],
+    );
+    let first = started.elapsed();
+    assert_eq!(
+        (ran.code, ran.stdout.as_str()),
+        (Some(0), "x86_64\n1001\n"),
+        "{ran}"
+    );
+    let pulled = blob_gets(&proxy);
+    for layer in &layers {
+        assert!(
+            pulled.contains(layer),
+            "{who:?}: {layer} not pulled: {pulled:?}"
+        );
+    }
+
+    proxy.clear();
+    let started = Instant::now();
+    let ran = work.run(
+        who,
+        &[
+            "--platform",
+            "linux/amd64",
+            &image,
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ],
+    );
+    let second = started.elapsed();
+    assert_eq!(
+        (ran.code, ran.stdout.as_str()),
+        (Some(0), "x86_64\n1001\n"),
+        "{ran}"
+    );
+    assert_eq!(
+        blob_gets(&proxy),
+        Vec::<String>::new(),
+        "{who:?}: the second run pulled blobs; requests: {:#?}",
+        proxy.seen()
+    );
+    eprintln!("{who:?}: first run {first:?}, second run {second:?}");
+}
+
+#[test]
+fn a_second_run_from_a_registry_downloads_nothing_as_the_test_user() {
+    a_second_run_from_a_registry_downloads_nothing(Who::TestUser);
+}
+
+#[test]
+fn a_second_run_from_a_registry_downloads_nothing_unprivileged() {
+    a_second_run_from_a_registry_downloads_nothing(Who::Unprivileged);
+}
+
+/// Two builds from registry images into two new layouts: the second pulls no blob, neither
+/// the build image's layers (unpacked in the store) nor the run image's (which export
+/// copies), nor either config.
+fn a_second_build_from_registry_images_pulls_no_blob(who: Who) {
+    let (_registry, proxy, run_image) = registry_with_the_run_image();
+    let build_image = format!("docker://{}/lathe/build:1", proxy.host());
+    let out = lathe(&["copy", &fixture("build"), &build_image]);
+    assert!(out.status.success(), "{}", report(&out));
+    let world = World::new();
+    let run_layers = fixture_layers("run", "linux/amd64");
+    let layers: BTreeSet<String> = fixture_layers("build", "linux/amd64")
+        .into_iter()
+        .chain(run_layers.iter().cloned())
+        .collect();
+    for n in 1..=2 {
+        proxy.clear();
+        let started = Instant::now();
+        let out = command_as(who, &world_lathe())
+            .arg("build")
+            .arg(world.path("apps/site"))
+            .arg(format!("--build-image={build_image}"))
+            .arg(format!("--run-image={run_image}"))
+            .arg(format!(
+                "--buildpack={}",
+                world.arg("buildpacks/static-site")
+            ))
+            .arg(format!(
+                "--output=oci:{}:app",
+                world.arg(&format!("out-{n}"))
+            ))
+            .arg(format!("--store={}", world.arg("store")))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{who:?}: {}", report(&out));
+        let pulled = blob_gets(&proxy);
+        let pulled_layers: Vec<&String> = layers.iter().filter(|l| pulled.contains(l)).collect();
+        eprintln!(
+            "{who:?}: build {n} took {:?}, pulled {} blobs, {} of them layers",
+            started.elapsed(),
+            pulled.len(),
+            pulled_layers.len()
+        );
+        if n == 1 {
+            assert_eq!(pulled_layers.len(), layers.len(), "{who:?}: {pulled:?}");
+        } else {
+            assert_eq!(pulled, Vec::<String>::new(), "{who:?}: the second build");
+        }
+        let written = world.path(&format!("out-{n}/blobs/sha256"));
+        for layer in &run_layers {
+            let blob = written.join(layer.trim_start_matches("sha256:"));
+            assert!(
+                blob.is_file(),
+                "{who:?}: {} is not in out-{n}",
+                blob.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn a_second_build_from_registry_images_pulls_no_blob_as_the_test_user() {
+    a_second_build_from_registry_images_pulls_no_blob(Who::TestUser);
+}
+
+#[test]
+fn a_second_build_from_registry_images_pulls_no_blob_unprivileged() {
+    a_second_build_from_registry_images_pulls_no_blob(Who::Unprivileged);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -224,6 +224,10 @@ pub fn run_image(
     }
     let mut notes = Vec::new();
     let host = Platform::host();
+    // What is pulled from a registry is kept in the store for the next run.
+    let store = Store::open(&request.store)?;
+    let source = store.keep_pulled(source)?;
+    let source = source.as_ref();
     // A single image runs whatever its platform (emulated when foreign); an index gives the
     // host's platform unless another is asked for.
     let image = match &request.platform {
@@ -250,7 +254,6 @@ pub fn run_image(
         }
         .into());
     }
-    let store = Store::open(&request.store)?;
     let (rootfs, reused) = store.rootfs(
         source,
         &image.manifest,

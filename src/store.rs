@@ -1,5 +1,12 @@
-//! The content store: unpacked root filesystems keyed by manifest digest, under
-//! `$XDG_CACHE_HOME/lathe` (or `--store DIR`), shared by concurrent lathe processes.
+//! The content store: unpacked root filesystems keyed by manifest digest, and the configs and
+//! layers pulled from registries keyed by digest, under `$XDG_CACHE_HOME/lathe` (or `--store
+//! DIR`), shared by concurrent lathe processes.
+//!
+//! Pulled blobs ([`Store::keep_pulled`]) are written to a temporary file as they stream past
+//! and renamed to `blobs/sha256/HEX` only once the whole blob has matched its digest; they
+//! are verified again whenever they are read back, and one that no longer matches is removed
+//! so that the next read pulls it afresh. A second run or build of a registry image thus
+//! asks the registry for its manifests only.
 //!
 //! A root filesystem is unpacked once, under an exclusive per-digest lock, into a temporary
 //! sibling that is renamed into place whole; afterwards it is only ever read: runs get an
@@ -10,15 +17,17 @@
 //! exist report it empty and create nothing.
 
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
 use oci_spec::image::Descriptor;
 
-use crate::image::ImageSource;
+use crate::content::{self, Kind, VerifyingReader};
+use crate::image::{ImageError, ImageSource};
 use crate::progress::ByteProgress;
+use crate::reference::RegistryRef;
 use crate::unpack::{self, UnpackError};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +105,7 @@ impl Store {
     }
 
     fn lock_dir(dir: &Path, how: FlockArg) -> Result<Flock<File>, StoreError> {
-        for sub in ["rootfs", "tmp", "locks"] {
+        for sub in ["rootfs", "tmp", "locks", "blobs/sha256"] {
             fs::create_dir_all(dir.join(sub)).map_err(io_err(dir))?;
         }
         let lock_path = dir.join(LOCK_FILE);
@@ -172,6 +181,33 @@ impl Store {
         Ok((path, reused))
     }
 
+    /// `source`, with the configs and layers it reads kept in the store when it is a registry
+    /// (layouts and archives are local already, and read where they are).
+    pub fn keep_pulled<'a>(
+        &self,
+        source: &'a dyn ImageSource,
+    ) -> Result<Box<dyn ImageSource + 'a>, StoreError> {
+        self.cached(Inner::Borrowed(source))
+    }
+
+    /// [`Store::keep_pulled`] for a source the result owns.
+    pub fn keep_pulled_owned(
+        &self,
+        source: Box<dyn ImageSource>,
+    ) -> Result<Box<dyn ImageSource>, StoreError> {
+        self.cached(Inner::Owned(source))
+    }
+
+    fn cached<'a>(&self, inner: Inner<'a>) -> Result<Box<dyn ImageSource + 'a>, StoreError> {
+        let keep = if inner.get().registry_location().is_some() {
+            self.ensure()?;
+            Some((self.dir.join("blobs"), self.dir.join("tmp")))
+        } else {
+            None
+        };
+        Ok(Box::new(CachedSource { inner, keep }))
+    }
+
     /// A fresh scratch directory for one run, removed when dropped.
     pub fn scratch(&self) -> Result<tempfile::TempDir, StoreError> {
         self.ensure()?;
@@ -232,6 +268,22 @@ impl Store {
             crate::layout::remove_tree(&entry.path()).map_err(io_err(&entry.path()))?;
             report.scratch_dirs += 1;
         }
+        let stale = |path: &Path| match (unused_for, last_use(path)) {
+            (None, _) | (_, None) => true,
+            (Some(limit), Some(age)) => age > limit,
+        };
+        let blobs = dir.join("blobs");
+        for algorithm in fs::read_dir(&blobs).into_iter().flatten().flatten() {
+            let algorithm = algorithm.path();
+            for blob in fs::read_dir(&algorithm).map_err(io_err(&algorithm))? {
+                let path = blob.map_err(io_err(&algorithm))?.path();
+                if stale(&path) {
+                    report.bytes += tree_size(&path);
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                    report.blobs += 1;
+                }
+            }
+        }
         let rootfs = dir.join("rootfs");
         for entry in fs::read_dir(&rootfs).map_err(io_err(&rootfs))? {
             let entry = entry.map_err(io_err(&rootfs))?;
@@ -241,15 +293,7 @@ impl Store {
                 continue;
             }
             let record = rootfs.join(format!("{name}.json"));
-            let last_use = fs::metadata(&record)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok());
-            let stale = match (unused_for, last_use) {
-                (None, _) | (_, None) => true,
-                (Some(limit), Some(age)) => age > limit,
-            };
-            if stale {
+            if stale(&record) {
                 report.bytes += tree_size(&path);
                 crate::layout::remove_tree(&path).map_err(io_err(&path))?;
                 let _ = fs::remove_file(&record);
@@ -264,7 +308,154 @@ impl Store {
 pub struct PruneReport {
     pub root_filesystems: usize,
     pub scratch_dirs: usize,
+    /// Pulled configs and layers.
+    pub blobs: usize,
     pub bytes: u64,
+}
+
+/// How long ago `path` was last used (its mtime, which every use sets).
+fn last_use(path: &Path) -> Option<Duration> {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+}
+
+/// Marks `path` as used now, for prune.
+fn touch(path: &Path) {
+    let _ = File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now()));
+}
+
+enum Inner<'a> {
+    Owned(Box<dyn ImageSource + 'a>),
+    Borrowed(&'a dyn ImageSource),
+}
+
+impl Inner<'_> {
+    fn get(&self) -> &dyn ImageSource {
+        match self {
+            Inner::Owned(source) => source.as_ref(),
+            Inner::Borrowed(source) => *source,
+        }
+    }
+}
+
+/// A source whose configs and layers are read from the store when it has them, and kept
+/// there when they are pulled (see the module's doc). Manifests, and what a tag names, always
+/// come from the source itself.
+struct CachedSource<'a> {
+    inner: Inner<'a>,
+    /// The store's `blobs` and `tmp` directories, when blobs are kept.
+    keep: Option<(PathBuf, PathBuf)>,
+}
+
+impl ImageSource for CachedSource<'_> {
+    fn describe(&self) -> String {
+        self.inner.get().describe()
+    }
+
+    fn root(&self) -> Descriptor {
+        self.inner.get().root()
+    }
+
+    fn registry_location(&self) -> Option<&RegistryRef> {
+        self.inner.get().registry_location()
+    }
+
+    fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send + '_>, ImageError> {
+        let inner = self.inner.get();
+        let Some((blobs, tmp)) = &self.keep else {
+            return inner.open_blob(desc);
+        };
+        if content::kind_of(desc.media_type()) != Kind::Other
+            || content::check_descriptor(desc).is_err()
+        {
+            return inner.open_blob(desc);
+        }
+        let digest = desc.digest();
+        let path = blobs
+            .join(digest.algorithm().to_string())
+            .join(digest.digest());
+        let what = format!(
+            "{} (kept in the store as {})",
+            self.describe(),
+            path.display()
+        );
+        match File::open(&path) {
+            Ok(file) => {
+                touch(&path);
+                return Ok(Box::new(KeptBlob {
+                    reader: VerifyingReader::new(file, desc, what),
+                    path,
+                }));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("{}: {e}; pulling the blob again", path.display()),
+        }
+        let reader = inner.open_blob(desc)?;
+        let file = tempfile::Builder::new()
+            .prefix("blob-")
+            .tempfile_in(tmp)
+            .map_err(|e| tracing::warn!("{}: {e}; the blob is not kept", tmp.display()))
+            .ok();
+        Ok(Box::new(Keeping {
+            reader: VerifyingReader::new(reader, desc, self.describe()),
+            file,
+            path,
+        }))
+    }
+}
+
+/// A blob read back from the store; removed when it no longer matches its digest.
+struct KeptBlob {
+    reader: VerifyingReader<File>,
+    path: PathBuf,
+}
+
+impl Read for KeptBlob {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf).inspect_err(|e| {
+            if e.kind() == io::ErrorKind::InvalidData {
+                let _ = fs::remove_file(&self.path);
+            }
+        })
+    }
+}
+
+/// A blob on its way from the registry, copied to a temporary file that becomes the kept
+/// blob once the whole blob has come through and matched its digest.
+struct Keeping<'a> {
+    reader: VerifyingReader<Box<dyn Read + Send + 'a>>,
+    file: Option<tempfile::NamedTempFile>,
+    path: PathBuf,
+}
+
+impl Read for Keeping<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = match self.reader.read(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                self.file = None; // removes the partial copy
+                return Err(e);
+            }
+        };
+        if n > 0 {
+            if let Some(file) = &mut self.file
+                && let Err(e) = file.write_all(&buf[..n])
+            {
+                tracing::warn!("{}: {e}; the blob is not kept", file.path().display());
+                self.file = None;
+            }
+        } else if let Some(file) = self.file.take()
+            && let Err(e) = file.persist(&self.path)
+        {
+            tracing::warn!("{}: {e}; the blob is not kept", self.path.display());
+        }
+        Ok(n)
+    }
 }
 
 fn tree_size(path: &Path) -> u64 {
@@ -280,6 +471,7 @@ fn tree_size(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use oci_spec::image::MediaType;
 
     fn entries(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = walkdir::WalkDir::new(dir)
@@ -308,6 +500,219 @@ mod tests {
         assert!(Store::open(&missing).unwrap().list().unwrap().is_empty());
         Store::prune(&missing, Some(Duration::from_secs(1))).unwrap();
         assert_eq!(entries(&missing), [missing.display().to_string()]);
+    }
+
+    /// A registry-like source of in-memory blobs that counts what it is asked for.
+    struct FakeRegistry {
+        location: RegistryRef,
+        blobs: std::collections::HashMap<String, Vec<u8>>,
+        opened: std::sync::Mutex<Vec<String>>,
+        registry: bool,
+    }
+
+    impl FakeRegistry {
+        fn new(registry: bool) -> FakeRegistry {
+            FakeRegistry {
+                location: RegistryRef {
+                    registry: "127.0.0.1:1".into(),
+                    repository: "test/image".into(),
+                    tag: Some("1".into()),
+                    digest: None,
+                },
+                blobs: Default::default(),
+                opened: Default::default(),
+                registry,
+            }
+        }
+
+        /// Adds a blob of `media_type` holding `bytes`; returns its descriptor.
+        fn add(&mut self, media_type: MediaType, bytes: &[u8]) -> Descriptor {
+            let desc = Descriptor::new(
+                media_type,
+                bytes.len() as u64,
+                content::sha256_digest(bytes),
+            );
+            self.blobs.insert(desc.digest().to_string(), bytes.to_vec());
+            desc
+        }
+
+        fn opened(&self) -> Vec<String> {
+            self.opened.lock().unwrap().clone()
+        }
+    }
+
+    impl ImageSource for FakeRegistry {
+        fn describe(&self) -> String {
+            "docker://127.0.0.1:1/test/image:1".into()
+        }
+        fn root(&self) -> Descriptor {
+            unimplemented!("not used")
+        }
+        fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send + '_>, ImageError> {
+            self.opened.lock().unwrap().push(desc.digest().to_string());
+            Ok(Box::new(io::Cursor::new(
+                self.blobs[&desc.digest().to_string()].clone(),
+            )))
+        }
+        fn registry_location(&self) -> Option<&RegistryRef> {
+            self.registry.then_some(&self.location)
+        }
+    }
+
+    fn read_all(source: &dyn ImageSource, desc: &Descriptor) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        source
+            .open_blob(desc)
+            .map_err(io::Error::other)?
+            .read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    fn kept(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir.join("blobs/sha256"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn tmp_is_empty(dir: &Path) -> bool {
+        fs::read_dir(dir.join("tmp")).map_or(true, |mut d| d.next().is_none())
+    }
+
+    #[test]
+    fn pulled_blobs_are_kept_once_whole_and_read_back_from_the_store() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("store");
+        let mut registry = FakeRegistry::new(true);
+        let layer_bytes = vec![7u8; 300_000];
+        let layer = registry.add(MediaType::ImageLayerGzip, &layer_bytes);
+        let config = registry.add(MediaType::ImageConfig, b"{}");
+        let manifest = registry.add(MediaType::ImageManifest, b"{\"m\":1}");
+        let store = Store::open(&dir).unwrap();
+        let source = store.keep_pulled(&registry).unwrap();
+        assert_eq!(source.describe(), registry.describe());
+        assert!(source.registry_location().is_some());
+
+        // Read halfway and dropped: nothing is kept, nothing is left in tmp.
+        let mut half = vec![0; 1000];
+        source
+            .open_blob(&layer)
+            .unwrap()
+            .read_exact(&mut half)
+            .unwrap();
+        assert!(kept(&dir).is_empty() && tmp_is_empty(&dir));
+
+        for desc in [&layer, &config, &manifest] {
+            read_all(source.as_ref(), desc).unwrap();
+        }
+        let mut want = vec![
+            layer.digest().digest().to_string(),
+            config.digest().digest().to_string(),
+        ];
+        want.sort();
+        let mut have = kept(&dir);
+        have.sort();
+        assert_eq!(have, want, "layers and configs are kept; manifests are not");
+        assert!(tmp_is_empty(&dir));
+        assert_eq!(registry.opened().len(), 4);
+
+        // Read back from the store, by this handle and by a new one.
+        assert_eq!(read_all(source.as_ref(), &layer).unwrap(), layer_bytes);
+        drop(source);
+        let again = Store::open(&dir).unwrap();
+        let source = again.keep_pulled(&registry).unwrap();
+        assert_eq!(read_all(source.as_ref(), &config).unwrap(), b"{}");
+        assert_eq!(read_all(source.as_ref(), &manifest).unwrap(), b"{\"m\":1}");
+        assert_eq!(
+            registry.opened()[4..],
+            [manifest.digest().to_string()],
+            "only the manifest came from the registry"
+        );
+    }
+
+    #[test]
+    fn a_blob_that_does_not_match_is_neither_kept_nor_served_again() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("store");
+        let mut registry = FakeRegistry::new(true);
+        let layer = registry.add(MediaType::ImageLayer, b"the real bytes");
+        let store = Store::open(&dir).unwrap();
+        let source = store.keep_pulled(&registry).unwrap();
+
+        // The registry sends other bytes: an error, and nothing kept.
+        let good = registry.blobs.clone();
+        let mut lying = FakeRegistry::new(true);
+        lying.blobs = good
+            .keys()
+            .map(|k| (k.clone(), b"the fake bytes".to_vec()))
+            .collect();
+        let lying_source = store.keep_pulled(&lying).unwrap();
+        let err = read_all(lying_source.as_ref(), &layer).unwrap_err();
+        assert!(
+            err.to_string().contains("does not match its digest"),
+            "{err}"
+        );
+        assert!(kept(&dir).is_empty() && tmp_is_empty(&dir));
+
+        // A kept blob changed on disk: the read fails, the blob is removed, the next read
+        // pulls it again.
+        read_all(source.as_ref(), &layer).unwrap();
+        let path = dir.join("blobs/sha256").join(layer.digest().digest());
+        fs::write(&path, b"the evil bytes").unwrap();
+        let err = read_all(source.as_ref(), &layer).unwrap_err();
+        assert!(err.to_string().contains("kept in the store"), "{err}");
+        assert!(!path.exists());
+        assert_eq!(
+            read_all(source.as_ref(), &layer).unwrap(),
+            b"the real bytes"
+        );
+        assert_eq!(registry.opened().len(), 2);
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn local_sources_are_read_where_they_are() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("store");
+        let mut layout = FakeRegistry::new(false);
+        let layer = layout.add(MediaType::ImageLayer, b"bytes");
+        let store = Store::open(&dir).unwrap();
+        let source = store.keep_pulled(&layout).unwrap();
+        read_all(source.as_ref(), &layer).unwrap();
+        read_all(source.as_ref(), &layer).unwrap();
+        assert_eq!(layout.opened().len(), 2);
+        assert!(!dir.exists(), "nothing kept, no store made");
+    }
+
+    #[test]
+    fn prune_removes_blobs_unused_for_long_enough_or_all() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("store");
+        let mut registry = FakeRegistry::new(true);
+        let old = registry.add(MediaType::ImageLayer, b"old");
+        let new = registry.add(MediaType::ImageLayer, b"new");
+        {
+            let store = Store::open(&dir).unwrap();
+            let source = store.keep_pulled(&registry).unwrap();
+            read_all(source.as_ref(), &old).unwrap();
+            read_all(source.as_ref(), &new).unwrap();
+        }
+        let old_path = dir.join("blobs/sha256").join(old.digest().digest());
+        File::options()
+            .write(true)
+            .open(&old_path)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(3 * 86_400))
+            .unwrap();
+        let report = Store::prune(&dir, Some(Duration::from_secs(86_400))).unwrap();
+        assert_eq!(report.blobs, 1);
+        assert_eq!(kept(&dir), [new.digest().digest().to_string()]);
+        let report = Store::prune(&dir, None).unwrap();
+        assert_eq!(report.blobs, 1);
+        assert!(kept(&dir).is_empty());
     }
 
     #[test]
