@@ -11,9 +11,10 @@ use serde_json::Value;
 
 use crate::image::{self, ImageError, ImageSource};
 use crate::platform::Platform;
-use crate::progress::ByteProgress;
+use crate::progress::{ByteProgress, NoProgress};
+use crate::sandbox::mapped::{self, Task};
 use crate::sandbox::{self, Bind, Emulator, Network, RootFs, RunControl, SandboxSpec};
-use crate::store::{Store, StoreError};
+use crate::store::{Owners, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -254,10 +255,13 @@ pub fn run_image(
         }
         .into());
     }
-    let (rootfs, reused) = store.rootfs(
+    // With subordinate ids the tree has the image's owners, and the sandbox maps them.
+    let owners = Owners::for_caller(lathe_exe);
+    let (rootfs, reused) = store.rootfs_owned(
         source,
         &image.manifest,
         &image_platform.to_string(),
+        &owners,
         progress,
     )?;
     if reused {
@@ -290,9 +294,11 @@ pub fn run_image(
         timeout: request.timeout,
         cancel,
     };
-    let result = run_on_writable_root(spec, &rootfs, scratch.path(), &control, &mut notes);
+    let result = writable_root_run(spec, &rootfs, &owners, scratch.path(), &control, &mut notes);
     let scratch_path = scratch.keep();
-    let _ = crate::layout::remove_tree(&scratch_path);
+    if let Err(e) = store.remove_scratch(&scratch_path, &owners) {
+        tracing::warn!("{e} (`lathe store prune` removes it)");
+    }
     Ok(RunOutcome {
         exit_code: result?,
         notes,
@@ -303,8 +309,21 @@ pub fn run_image(
 /// says is replaced): an overlay in `scratch`, or where the kernel refuses overlayfs in a user
 /// namespace, a private copy there. Says which in `notes`.
 pub(crate) fn run_on_writable_root(
+    spec: SandboxSpec,
+    rootfs: &Path,
+    scratch: &Path,
+    control: &RunControl,
+    notes: &mut Vec<String>,
+) -> Result<i32, RunError> {
+    writable_root_run(spec, rootfs, &Owners::Caller, scratch, control, notes)
+}
+
+/// [`run_on_writable_root`] for a tree owned as `owners` says (a private copy of a tree of
+/// subordinate ids is made by lathe's helper, which may read and chown them).
+fn writable_root_run(
     mut spec: SandboxSpec,
     rootfs: &Path,
+    owners: &Owners,
     scratch: &Path,
     control: &RunControl,
     notes: &mut Vec<String>,
@@ -318,7 +337,17 @@ pub(crate) fn run_on_writable_root(
     match sandbox::run(&spec, control) {
         Err(e @ sandbox::SandboxError::OverlayUnavailable(_)) => {
             let copy = scratch.join("copy");
-            copy_tree(rootfs, &copy)?;
+            match owners {
+                Owners::Caller => copy_tree(rootfs, &copy)?,
+                Owners::Image { ids, lathe_exe } => {
+                    let task = Task::Copy {
+                        from: rootfs.to_path_buf(),
+                        to: copy.clone(),
+                    };
+                    mapped::run_task(lathe_exe, ids, &task, None, &NoProgress)
+                        .map_err(RunError::Invalid)?;
+                }
+            }
             tracing::warn!("overlayfs is unavailable here ({e}); running on a private copy");
             notes.push("ran on a private copy of the stored root filesystem".into());
             spec.rootfs = RootFs::Private(copy);

@@ -13,6 +13,12 @@
 //! overlay or a private copy in the store's scratch area. Every user of the store holds a
 //! shared lock on it, and `prune` takes it exclusively, so nothing in use is removed.
 //!
+//! A tree's files carry the image's owners where the caller can give them: root chowns; a
+//! caller with subordinate ids has lathe's helper unpack as root of a user namespace mapping
+//! them ([`Owners::Image`], the tree named `HEX-ids-UID-GID`, see [`crate::sandbox::mapped`]),
+//! which is what `lathe run` uses; otherwise (and for builds, whose buildpacks run as the
+//! caller's id) the files are the caller's, with the image's owners recorded in xattrs.
+//!
 //! The store is made on first use, not on open: `ls` and `prune` of a store that does not
 //! exist report it empty and create nothing.
 
@@ -26,8 +32,10 @@ use oci_spec::image::Descriptor;
 
 use crate::content::{self, Kind, VerifyingReader};
 use crate::image::{ImageError, ImageSource};
-use crate::progress::ByteProgress;
+use crate::progress::{ByteProgress, NoProgress};
 use crate::reference::RegistryRef;
+use crate::sandbox::SubordinateIds;
+use crate::sandbox::mapped::{self, Task};
 use crate::unpack::{self, UnpackError};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +44,8 @@ pub enum StoreError {
     Io { path: PathBuf, why: String },
     #[error(transparent)]
     Unpack(#[from] UnpackError),
+    #[error("{what}: {why}")]
+    Helper { what: String, why: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -51,10 +61,78 @@ pub struct RootfsRecord {
     pub digest: String,
     pub source: String,
     pub platform: String,
-    #[serde(skip_deserializing)]
+    /// Whose ids its files carry: `caller` (this user's, or the image's when unpacked by
+    /// root), or `ids-UID-GID` (the image's, through the subordinate ranges starting there).
+    #[serde(default = "caller")]
+    pub owners: String,
+    /// The space it takes, measured when it was unpacked (trees never change).
+    #[serde(default)]
     pub bytes: u64,
     #[serde(skip_deserializing)]
     pub last_used_secs_ago: u64,
+}
+
+fn caller() -> String {
+    "caller".into()
+}
+
+/// Whose ids the files of a tree unpacked into the store carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owners {
+    /// This process's: the image's when it may chown to them (root on a host, or root of a
+    /// user namespace mapping ids 0–65535), otherwise the caller's, with the image's recorded
+    /// in the `user.rootlesscontainers` xattr (see [`crate::unpack`]).
+    Caller,
+    /// The image's, through the caller's subordinate ids: unpacked, and removed, by a helper
+    /// that is root of a user namespace mapping them ([`crate::sandbox::mapped`]), which
+    /// `lathe_exe` (lathe itself) becomes.
+    Image {
+        ids: SubordinateIds,
+        lathe_exe: PathBuf,
+    },
+}
+
+impl Owners {
+    /// The image's owners where the caller has subordinate ids, else the caller's.
+    pub fn for_caller(lathe_exe: &Path) -> Owners {
+        match crate::sandbox::subordinate_ids() {
+            Some(ids) => Owners::Image {
+                ids,
+                lathe_exe: lathe_exe.to_path_buf(),
+            },
+            None => Owners::Caller,
+        }
+    }
+
+    /// The record's `owners`, also the suffix of the tree's name (none for `caller`).
+    fn tag(&self) -> Option<String> {
+        match self {
+            Owners::Caller => None,
+            Owners::Image { ids, .. } => Some(ids.tag()),
+        }
+    }
+
+    /// Removes `path`; trees of ids the caller does not own go to the helper.
+    fn remove(&self, path: &Path) -> Result<(), StoreError> {
+        match (self, crate::layout::remove_tree(path)) {
+            (_, Ok(())) => Ok(()),
+            (Owners::Caller, Err(e)) => Err(io_err(path)(e)),
+            (Owners::Image { ids, lathe_exe }, Err(_)) => mapped::run_task(
+                lathe_exe,
+                ids,
+                &Task::Remove {
+                    path: path.to_path_buf(),
+                },
+                None,
+                &NoProgress,
+            )
+            .map(drop)
+            .map_err(|why| StoreError::Io {
+                path: path.to_path_buf(),
+                why,
+            }),
+        }
+    }
 }
 
 pub struct Store {
@@ -125,8 +203,9 @@ impl Store {
         &self.dir
     }
 
-    /// The unpacked root filesystem of `manifest`, unpacking it first if the store lacks it.
-    /// Returns the path and whether it was already there.
+    /// The unpacked root filesystem of `manifest`, owned as this process unpacks
+    /// ([`Owners::Caller`]), unpacking it first if the store lacks it. Returns the path and
+    /// whether it was already there.
     pub fn rootfs(
         &self,
         source: &dyn ImageSource,
@@ -134,11 +213,28 @@ impl Store {
         platform: &str,
         progress: &dyn ByteProgress,
     ) -> Result<(PathBuf, bool), StoreError> {
+        self.rootfs_owned(source, manifest, platform, &Owners::Caller, progress)
+    }
+
+    /// The unpacked root filesystem of `manifest` with files owned as `owners` says,
+    /// unpacking it first if the store lacks it. Returns the path and whether it was already
+    /// there.
+    pub fn rootfs_owned(
+        &self,
+        source: &dyn ImageSource,
+        manifest: &Descriptor,
+        platform: &str,
+        owners: &Owners,
+        progress: &dyn ByteProgress,
+    ) -> Result<(PathBuf, bool), StoreError> {
         self.ensure()?;
-        let hex = manifest.digest().digest().to_string();
-        let path = self.dir.join("rootfs").join(&hex);
-        let record = self.dir.join("rootfs").join(format!("{hex}.json"));
-        let lock_path = self.dir.join("locks").join(format!("{hex}.lock"));
+        let name = match owners.tag() {
+            None => manifest.digest().digest().to_string(),
+            Some(tag) => format!("{}-{tag}", manifest.digest().digest()),
+        };
+        let path = self.dir.join("rootfs").join(&name);
+        let record = self.dir.join("rootfs").join(format!("{name}.json"));
+        let lock_path = self.dir.join("locks").join(format!("{name}.lock"));
         let lock_file = File::options()
             .create(true)
             .truncate(false)
@@ -152,16 +248,43 @@ impl Store {
             })?;
         let reused = path.is_dir() && record.is_file();
         if !reused {
-            if path.exists() {
+            if fs::symlink_metadata(&path).is_ok() {
                 // A tree without its record is from an older, interrupted store: redo it.
-                crate::layout::remove_tree(&path).map_err(io_err(&path))?;
+                owners.remove(&path)?;
             }
-            unpack::unpack(source, manifest, &path, progress)?;
+            let bytes = match owners {
+                Owners::Caller => {
+                    unpack::unpack(source, manifest, &path, progress)?;
+                    tree_size(&path)
+                }
+                Owners::Image { ids, lathe_exe } => {
+                    let task = Task::Unpack {
+                        manifest: Box::new(manifest.clone()),
+                        target: path.clone(),
+                        describe: source.describe(),
+                    };
+                    let done = mapped::run_task(lathe_exe, ids, &task, Some(source), progress)
+                        .map_err(|why| StoreError::Helper {
+                            what: format!(
+                                "unpacking {} with its owners (through subordinate ids {}:{})",
+                                source.describe(),
+                                ids.uids.0,
+                                ids.gids.0
+                            ),
+                            why,
+                        })?;
+                    for warning in done["warnings"].as_array().into_iter().flatten() {
+                        tracing::debug!("{}", warning.as_str().unwrap_or_default());
+                    }
+                    done["bytes"].as_u64().unwrap_or(0)
+                }
+            };
             let meta = RootfsRecord {
                 digest: manifest.digest().to_string(),
                 source: source.describe(),
                 platform: platform.to_string(),
-                bytes: 0,
+                owners: owners.tag().unwrap_or_else(caller),
+                bytes,
                 last_used_secs_ago: 0,
             };
             crate::layout::write_atomically(
@@ -174,11 +297,14 @@ impl Store {
             })?;
         }
         // The record's mtime is the last use, for prune.
-        let _ = File::options()
-            .write(true)
-            .open(&record)
-            .and_then(|f| f.set_modified(SystemTime::now()));
+        touch(&record);
         Ok((path, reused))
+    }
+
+    /// Removes a run's scratch directory, which holds files of the image's ids when the run
+    /// had `owners`' ids.
+    pub fn remove_scratch(&self, path: &Path, owners: &Owners) -> Result<(), StoreError> {
+        owners.remove(path)
     }
 
     /// `source`, with the configs and layers it reads kept in the store when it is a registry
@@ -239,7 +365,9 @@ impl Store {
             let Ok(mut record) = serde_json::from_slice::<RootfsRecord>(&text) else {
                 continue;
             };
-            record.bytes = tree_size(&dir.join(hex));
+            if record.bytes == 0 {
+                record.bytes = tree_size(&dir.join(hex));
+            }
             record.last_used_secs_ago = entry
                 .metadata()
                 .and_then(|m| m.modified())
@@ -261,11 +389,17 @@ impl Store {
             return Ok(report);
         }
         let _lock = Self::lock_dir(dir, FlockArg::LockExclusive)?;
+        // What runs with subordinate ids left can hold files of those ids: lathe's helper
+        // removes what the caller can't.
+        let owners = match std::env::current_exe() {
+            Ok(exe) => Owners::for_caller(&exe),
+            Err(_) => Owners::Caller,
+        };
         let tmp = dir.join("tmp");
         for entry in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
             let entry = entry.map_err(io_err(&tmp))?;
             report.bytes += tree_size(&entry.path());
-            crate::layout::remove_tree(&entry.path()).map_err(io_err(&entry.path()))?;
+            owners.remove(&entry.path())?;
             report.scratch_dirs += 1;
         }
         let stale = |path: &Path| match (unused_for, last_use(path)) {
@@ -294,8 +428,16 @@ impl Store {
             }
             let record = rootfs.join(format!("{name}.json"));
             if stale(&record) {
-                report.bytes += tree_size(&path);
-                crate::layout::remove_tree(&path).map_err(io_err(&path))?;
+                let recorded = fs::read(&record)
+                    .ok()
+                    .and_then(|text| serde_json::from_slice::<RootfsRecord>(&text).ok())
+                    .map_or(0, |r| r.bytes);
+                report.bytes += if recorded > 0 {
+                    recorded
+                } else {
+                    tree_size(&path)
+                };
+                owners.remove(&path)?;
                 let _ = fs::remove_file(&record);
                 report.root_filesystems += 1;
             }
@@ -458,7 +600,8 @@ impl Read for Keeping<'_> {
     }
 }
 
-fn tree_size(path: &Path) -> u64 {
+/// The disk space a tree takes (what its reader can see of it).
+pub fn tree_size(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     walkdir::WalkDir::new(path)
         .into_iter()
