@@ -1087,6 +1087,114 @@ fn a_second_build_from_registry_images_pulls_no_blob_unprivileged() {
     a_second_build_from_registry_images_pulls_no_blob(Who::Unprivileged);
 }
 
+/// `lathe ARGS` as root of a rootless container that has a subordinate range (`unshare
+/// --map-auto --map-root-user` run by the subordinate-id user: ids 0–65535 mapped, as podman
+/// maps them), from `dir`.
+fn in_a_rootless_container_with_a_range(dir: &Path, args: &[&str]) -> Command {
+    let user = subid_test_user();
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.gid))
+        .args(["--init-groups", "--inh-caps=-all"])
+        .args(["unshare", "--map-auto", "--map-root-user"])
+        .arg(world_lathe())
+        .args(args)
+        .current_dir(dir);
+    c
+}
+
+/// Root of such a container unpacks with the image's owners (chown, its namespace maps them)
+/// and runs the payload as the image user with no nested namespace; a build there chowns its
+/// work area to the build user and runs the buildpacks as that user.
+#[test]
+fn root_of_a_rootless_container_with_a_range_keeps_the_images_owners() {
+    let user = subid_test_user();
+    let work = Work::new();
+    let store = work.store_arg();
+    let marker = format!("LATHE_TEST_MARKER={}", work.marker);
+    let image = fixture("run");
+    let command = in_a_rootless_container_with_a_range(
+        work.path(),
+        &[
+            "run",
+            "--store",
+            &store,
+            "--env",
+            &marker,
+            &image,
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /proc/self/uid_map; stat -c '%u:%g %n' /home/cnb-run /etc/passwd; \
+             touch /home/cnb-run/mine && echo home-writable; id -u",
+        ],
+    );
+    let ran = start(command, work.logs.path()).wait(LIMIT);
+    work.assert_nothing_left("after a run in a rootless container with a range");
+    assert_eq!(ran.code, Some(0), "{ran}");
+    assert!(
+        ran.stdout
+            .ends_with("1001:1000 /home/cnb-run\n0:0 /etc/passwd\nhome-writable\n1001\n"),
+        "{ran}"
+    );
+    assert!(
+        ran.stdout
+            .lines()
+            .any(|l| l.split_whitespace().eq(["1", "1", "65535"])),
+        "the payload sees its container's map, not a nested one: {ran}"
+    );
+    let tree = the_stored_rootfs(&work.store());
+    assert_eq!(
+        fs::metadata(tree.join("home/cnb-run")).unwrap().uid(),
+        user.subuid_start + 1000
+    );
+
+    let world = World::new();
+    let images = world_readable_lathe_and_fixtures().join("images");
+    let build_image = format!("--build-image=oci:{}:build", images.display());
+    let run_image = format!("--run-image=oci:{}:run", images.display());
+    let buildpack = format!("--buildpack={}", world.arg("buildpacks/cached-deps"));
+    let output = format!("--output=oci:{}:app", world.arg("out"));
+    let build_store = format!("--store={}", world.arg("store"));
+    let out = in_a_rootless_container_with_a_range(
+        world.dir.path(),
+        &[
+            "build",
+            world.arg("apps/deps-app").as_str(),
+            &build_image,
+            &run_image,
+            &buildpack,
+            &output,
+            &build_store,
+            "--json",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", report(&out));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["layers"][0]["name"], "deps", "{}", report(&out));
+    let app = format!("oci:{}:app", world.arg("out"));
+    let out = in_a_rootless_container_with_a_range(
+        world.dir.path(),
+        &["run", &build_store, "--process", "show", &app],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).as_ref()
+        ),
+        (
+            Some(0),
+            "2 dependencies in /layers/lathe-test_cached-deps/deps/lib\n"
+        ),
+        "{}",
+        report(&out)
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Builds with a subordinate range.
 
