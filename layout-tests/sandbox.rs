@@ -1,9 +1,12 @@
 //! `lathe run` end to end through the CLI: both platforms (arm64 through the sandbox's own
 //! binfmt_misc + qemu) as the test user, as an unprivileged user with no capabilities, nested
-//! in an unprivileged user namespace and with a subordinate id range; the store's root
-//! filesystems never change and are reused; nothing (mounts, processes, scratch dirs) is left
-//! behind, also after timeouts and signals; network, /dev, /proc, /tmp, hostname and volumes
-//! inside; a seccomp filter refusing user namespaces; bad input.
+//! in an unprivileged user namespace and with a subordinate id range (where images keep their
+//! owners, also as root of a rootless container with a range, and builds still work); the
+//! store's root filesystems never change and are reused; registry images are pulled once (a
+//! second run or build asks for manifests only); `store ls`/`prune` of a missing store create
+//! nothing; nothing (mounts, processes, scratch dirs) is left behind, also after timeouts and
+//! signals; network, /dev, /proc, /tmp, hostname and volumes inside; a seccomp filter refusing
+//! user namespaces, and the `auto` probe running no program; bad input.
 //!
 //! Every run carries a unique marker (an environment variable of the payload) and a unique
 //! store path (in the sandbox init's environment), and after every run no process mentioning
