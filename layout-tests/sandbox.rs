@@ -1095,6 +1095,10 @@ fn a_second_build_from_registry_images_pulls_no_blob_unprivileged() {
 /// maps them), from `dir`.
 fn in_a_rootless_container_with_a_range(dir: &Path, args: &[&str]) -> Command {
     let user = subid_test_user();
+    assert!(
+        is_root(),
+        "running lathe as {SUBID_USER} needs root (setpriv): run the tests as root"
+    );
     let mut c = Command::new("setpriv");
     c.arg(format!("--reuid={}", user.uid))
         .arg(format!("--regid={}", user.gid))

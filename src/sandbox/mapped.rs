@@ -101,9 +101,9 @@ pub fn run_task(
     let served = ours
         .try_clone()
         .map_err(|e| format!("socket: {e}"))
-        .and_then(|theirs| {
+        .and_then(|reading| {
             serve(
-                &mut BufReader::new(theirs),
+                &mut BufReader::new(reading),
                 &mut &ours,
                 child.id(),
                 ids,
@@ -140,6 +140,7 @@ fn serve(
         Some(FromHelper::Refused(why)) => {
             return Err(format!("a user namespace was refused: {why}"));
         }
+        Some(FromHelper::Failed(why)) => return Err(why),
         Some(other) => return Err(format!("the helper said {other:?} first")),
         None => return Ok(None),
     }
