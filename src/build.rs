@@ -239,10 +239,10 @@ pub fn build(
         .as_ref()
         .or(request.build_image.as_ref())
         .expect("checked");
-    let build_source = image::open_source(build_ref)?;
+    let build_source = store.keep_pulled_owned(image::open_source(build_ref)?)?;
     let wanted = request.platform.clone().unwrap_or_else(Platform::host);
     let build_image = read_build_image(build_source.as_ref(), &wanted, &store, progress)?;
-    let run_image = open_run_image(request, &build_image.rootfs, &build_image.platform)?;
+    let run_image = open_run_image(request, &build_image.rootfs, &build_image.platform, &store)?;
     let target = run_image.target()?;
 
     let scratch = store.scratch()?;
@@ -687,6 +687,7 @@ fn open_run_image(
     request: &BuildRequest,
     rootfs: &Path,
     platform: &Platform,
+    store: &Store,
 ) -> Result<OpenedRunImage, BuildError> {
     let (reference, run_toml) = match &request.run_image {
         Some(run_image) => (run_image.clone(), None),
@@ -704,7 +705,7 @@ fn open_run_image(
             (reference, Some((recorded(&image), mirrors)))
         }
     };
-    let source = image::open_source(&reference)?;
+    let source = store.keep_pulled_owned(image::open_source(&reference)?)?;
     let what = source.describe();
     let image = image::read_platform_image(source.as_ref(), platform)?;
     let run_platform = &image.platform;
@@ -1284,7 +1285,8 @@ fn build_in_this_container(
         paths.buildpacks = links;
     }
     let wanted = request.platform.clone().unwrap_or_else(Platform::host);
-    let run_image = open_run_image(request, Path::new("/"), &wanted)?;
+    let store = Store::open(&request.store)?;
+    let run_image = open_run_image(request, Path::new("/"), &wanted, &store)?;
     let target = run_image.target()?;
     let mut notes = vec!["ran in this container (--sandbox none)".to_string()];
     let analysis = analyze(

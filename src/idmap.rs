@@ -37,16 +37,27 @@ pub fn format(ranges: &[IdRange]) -> String {
         .collect()
 }
 
+/// Whether every id of `first..first + count` (inside) is mapped, by one line or several
+/// (`0 1000 1` and `1 100000 65535` together map 0–65535).
+pub fn covers_all(ranges: &[IdRange], first: u32, count: u32) -> bool {
+    let mut next = u64::from(first);
+    let end = u64::from(first) + u64::from(count);
+    while next < end {
+        let Some(&(inside, _, n)) = ranges.iter().find(|&&(inside, _, n)| {
+            u64::from(inside) <= next && next < u64::from(inside) + u64::from(n)
+        }) else {
+            return false;
+        };
+        next = u64::from(inside) + u64::from(n);
+    }
+    true
+}
+
 /// Whether this process's user namespace maps every uid and gid of 0–65535, the ids images
-/// use (so that chown to an image's owners can work).
+/// use (so that chown to an image's owners can work): the host's, or a user namespace with a
+/// subordinate range (lathe's own, or a rootless container's).
 pub fn own_namespace_maps_image_ids() -> bool {
-    let all = |file: &str| {
-        read(file).is_ok_and(|ranges| {
-            ranges
-                .iter()
-                .any(|&(inside, _, count)| inside == 0 && count >= 65536)
-        })
-    };
+    let all = |file: &str| read(file).is_ok_and(|ranges| covers_all(&ranges, 0, 65536));
     all("/proc/self/uid_map") && all("/proc/self/gid_map")
 }
 
@@ -69,5 +80,17 @@ mod tests {
         assert!(covers(&rootless, 65536) && !covers(&rootless, 65537));
         assert!(!covers(&parse("0 1000 1"), 1001));
         assert_eq!(format(&rootless), "0 1000 1\n1 100000 65536\n");
+    }
+
+    #[test]
+    fn image_ids_may_be_mapped_by_several_lines() {
+        assert!(covers_all(&parse("0 0 4294967295"), 0, 65536));
+        assert!(covers_all(&parse("0 1000 1\n1 100000 65535"), 0, 65536));
+        assert!(covers_all(&parse("1 100000 65535\n0 1000 1"), 0, 65536));
+        assert!(!covers_all(&parse("0 1000 1\n1 100000 65534"), 0, 65536));
+        assert!(!covers_all(&parse("0 1000 1\n2 100000 65534"), 0, 65536));
+        assert!(!covers_all(&parse("0 1000 1"), 0, 65536));
+        assert!(!covers_all(&[], 0, 1));
+        assert!(covers_all(&[], 5, 0));
     }
 }

@@ -11,9 +11,10 @@ use serde_json::Value;
 
 use crate::image::{self, ImageError, ImageSource};
 use crate::platform::Platform;
-use crate::progress::ByteProgress;
+use crate::progress::{ByteProgress, NoProgress};
+use crate::sandbox::mapped::{self, Task};
 use crate::sandbox::{self, Bind, Emulator, Network, RootFs, RunControl, SandboxSpec};
-use crate::store::{Store, StoreError};
+use crate::store::{Owners, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -224,6 +225,10 @@ pub fn run_image(
     }
     let mut notes = Vec::new();
     let host = Platform::host();
+    // What is pulled from a registry is kept in the store for the next run.
+    let store = Store::open(&request.store)?;
+    let source = store.keep_pulled(source)?;
+    let source = source.as_ref();
     // A single image runs whatever its platform (emulated when foreign); an index gives the
     // host's platform unless another is asked for.
     let image = match &request.platform {
@@ -241,18 +246,22 @@ pub fn run_image(
 
     // `auto` means user namespaces for `lathe run` (`none` is refused above); where they are
     // unavailable, say why before unpacking anything.
-    if request.sandbox == SandboxMode::Auto && !sandbox::user_namespaces_work() {
+    if request.sandbox == SandboxMode::Auto
+        && let Err(why) = sandbox::probe_user_namespaces()
+    {
         return Err(sandbox::SandboxError::NoUserNamespace {
-            why: "unshare(CLONE_NEWUSER) was refused".into(),
+            why,
             diagnosis: sandbox::diagnose_user_namespaces(),
         }
         .into());
     }
-    let store = Store::open(&request.store)?;
-    let (rootfs, reused) = store.rootfs(
+    // With subordinate ids the tree has the image's owners, and the sandbox maps them.
+    let owners = Owners::for_caller(lathe_exe);
+    let (rootfs, reused) = store.rootfs_owned(
         source,
         &image.manifest,
         &image_platform.to_string(),
+        &owners,
         progress,
     )?;
     if reused {
@@ -285,9 +294,11 @@ pub fn run_image(
         timeout: request.timeout,
         cancel,
     };
-    let result = run_on_writable_root(spec, &rootfs, scratch.path(), &control, &mut notes);
+    let result = writable_root_run(spec, &rootfs, &owners, scratch.path(), &control, &mut notes);
     let scratch_path = scratch.keep();
-    let _ = crate::layout::remove_tree(&scratch_path);
+    if let Err(e) = store.remove_scratch(&scratch_path, &owners) {
+        tracing::warn!("{e} (`lathe store prune` removes it)");
+    }
     Ok(RunOutcome {
         exit_code: result?,
         notes,
@@ -298,8 +309,21 @@ pub fn run_image(
 /// says is replaced): an overlay in `scratch`, or where the kernel refuses overlayfs in a user
 /// namespace, a private copy there. Says which in `notes`.
 pub(crate) fn run_on_writable_root(
+    spec: SandboxSpec,
+    rootfs: &Path,
+    scratch: &Path,
+    control: &RunControl,
+    notes: &mut Vec<String>,
+) -> Result<i32, RunError> {
+    writable_root_run(spec, rootfs, &Owners::Caller, scratch, control, notes)
+}
+
+/// [`run_on_writable_root`] for a tree owned as `owners` says (a private copy of a tree of
+/// subordinate ids is made by lathe's helper, which may read and chown them).
+fn writable_root_run(
     mut spec: SandboxSpec,
     rootfs: &Path,
+    owners: &Owners,
     scratch: &Path,
     control: &RunControl,
     notes: &mut Vec<String>,
@@ -313,7 +337,17 @@ pub(crate) fn run_on_writable_root(
     match sandbox::run(&spec, control) {
         Err(e @ sandbox::SandboxError::OverlayUnavailable(_)) => {
             let copy = scratch.join("copy");
-            copy_tree(rootfs, &copy)?;
+            match owners {
+                Owners::Caller => copy_tree(rootfs, &copy)?,
+                Owners::Image { ids, lathe_exe } => {
+                    let task = Task::Copy {
+                        from: rootfs.to_path_buf(),
+                        to: copy.clone(),
+                    };
+                    mapped::run_task(lathe_exe, ids, &task, None, &NoProgress)
+                        .map_err(RunError::Invalid)?;
+                }
+            }
             tracing::warn!("overlayfs is unavailable here ({e}); running on a private copy");
             notes.push("ran on a private copy of the stored root filesystem".into());
             spec.rootfs = RootFs::Private(copy);

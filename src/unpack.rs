@@ -6,9 +6,13 @@
 //! inside the root and no entry can create, change or follow anything outside it. Entries whose
 //! names climb out with `..` are refused with an error naming the layer and the entry.
 //!
-//! Rootless: files are created owned by the caller; each entry's owner is recorded the way
-//! umoci's rootless mode does, in the `user.rootlesscontainers` xattr. Setuid/setgid bits are
-//! not applied; device nodes become empty placeholder files. Directory modes are applied last,
+//! Owners: root on a host, or root of a user namespace that maps ids 0–65535 (a rootless
+//! container's with a subordinate range, or the helper lathe runs for a caller with one, see
+//! [`crate::sandbox::mapped`]), gives every entry its owner and mode; an owner that namespace
+//! does not map is left to root and recorded as below, with a warning. Rootless: files are
+//! created owned by the caller; each entry's owner is recorded the way umoci's rootless mode
+//! does, in the `user.rootlesscontainers` xattr. Setuid/setgid bits are then not applied.
+//! Device nodes become empty placeholder files either way. Directory modes are applied last,
 //! deepest first, so read-only directories can still be filled.
 //!
 //! The image is unpacked into a temporary sibling of the target, renamed into place only when
@@ -394,8 +398,9 @@ impl Unpacker {
         created.insert(path.to_string());
         if kind.is_dir() {
             let dir = self.make_dir(&parent_fd, base, path)?;
-            self.set_owner(&dir, owner)?;
+            let owned = self.set_owner(&dir, path, owner)?;
             self.set_xattrs(&dir, path, &xattrs);
+            let mode = if owned { mode } else { mode & 0o1777 };
             self.dir_modes.push((path.to_string(), mode, mtime));
             self.dirs.insert(path.to_string(), dir);
             return Ok(());
@@ -410,7 +415,7 @@ impl Unpacker {
                 self.replace_with(&parent_fd, base, path, |dir| {
                     nix::unistd::symlinkat(target, dir, base)
                 })?;
-                self.chown_at(&parent_fd, base, owner)
+                self.chown_at(&parent_fd, base, path, owner)
             }
             tar::EntryType::Link => {
                 let target = entry
@@ -436,7 +441,7 @@ impl Unpacker {
                     nix::sys::stat::FchmodatFlags::FollowSymlink,
                 )
                 .map_err(|e| format!("chmod: {e}"))?;
-                self.chown_at(&parent_fd, base, owner)
+                self.chown_at(&parent_fd, base, path, owner)
             }
             tar::EntryType::Char | tar::EntryType::Block => {
                 self.report.warnings.push(format!(
@@ -597,7 +602,8 @@ impl Unpacker {
             file.write_all(&self.copy_buffer[..n])
                 .map_err(|e| e.to_string())?;
         }
-        let applied = if self.as_root {
+        let owned = self.set_owner(&file, path, owner)?;
+        let applied = if owned {
             owner.mode
         } else {
             owner.mode & 0o1777
@@ -607,7 +613,6 @@ impl Unpacker {
                 "{path}: setuid/setgid bits recorded, not applied (rootless)"
             ));
         }
-        self.set_owner(&file, owner)?;
         self.set_xattrs(&file, path, xattrs);
         nix::sys::stat::fchmod(&file, Mode::from_bits_truncate(applied))
             .map_err(|e| format!("chmod: {e}"))?;
@@ -616,15 +621,21 @@ impl Unpacker {
     }
 
     /// As root: chown. Rootless: the `user.rootlesscontainers` xattr umoci writes, holding the
-    /// owner (and for setuid files the full mode, in `user.lathe.mode`).
-    fn set_owner(&self, file: &impl AsFd, owner: Owner) -> Result<(), String> {
+    /// owner (and for setuid files the full mode, in `user.lathe.mode`). Root of a user
+    /// namespace that does not map the owner (an id above 65535 where lathe maps a subordinate
+    /// range) records it as rootless does, with a warning. Returns whether the owner was set
+    /// (setuid/setgid bits are applied only then).
+    fn set_owner(&mut self, file: &impl AsFd, path: &str, owner: Owner) -> Result<bool, String> {
         if self.as_root {
-            return nix::unistd::fchown(
+            match nix::unistd::fchown(
                 file,
                 Some((owner.uid as u32).into()),
                 Some((owner.gid as u32).into()),
-            )
-            .map_err(|e| format!("chown: {e}"));
+            ) {
+                Ok(()) => return Ok(true),
+                Err(Errno::EINVAL) => self.unmapped_owner(path, owner),
+                Err(e) => return Err(format!("chown: {e}")),
+            }
         }
         if !self.record_owners {
             return Ok(());
@@ -639,23 +650,42 @@ impl Unpacker {
         if owner.mode & 0o6000 != 0 {
             set_xattr(file, MODE_XATTR, format!("{:o}", owner.mode).as_bytes())?;
         }
-        Ok(())
+        Ok(false)
+    }
+
+    fn unmapped_owner(&mut self, path: &str, owner: Owner) {
+        self.report.warnings.push(format!(
+            "{path}: owner {}:{} is not mapped in this user namespace; left to root",
+            owner.uid, owner.gid
+        ));
     }
 
     /// As root, sets the owner of a symlink or fifo. Rootless there is nowhere to record it:
     /// the kernel refuses `user.*` xattrs on them (umoci has the same gap).
-    fn chown_at(&self, parent_fd: &OwnedFd, base: &str, owner: Owner) -> Result<(), String> {
+    fn chown_at(
+        &mut self,
+        parent_fd: &OwnedFd,
+        base: &str,
+        path: &str,
+        owner: Owner,
+    ) -> Result<(), String> {
         if !self.as_root {
             return Ok(());
         }
-        nix::unistd::fchownat(
+        match nix::unistd::fchownat(
             parent_fd,
             base,
             Some((owner.uid as u32).into()),
             Some((owner.gid as u32).into()),
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| format!("chown: {e}"))
+        ) {
+            Ok(()) => Ok(()),
+            Err(Errno::EINVAL) => {
+                self.unmapped_owner(path, owner);
+                Ok(())
+            }
+            Err(e) => Err(format!("chown: {e}")),
+        }
     }
 
     /// Applies the layer's extended attributes where the kernel allows; the ones it refuses

@@ -1,6 +1,7 @@
 //! The processes inside the sandbox: lathe re-executed as `lathe __sandbox-init` (single
 //! threaded, so `unshare(CLONE_NEWUSER)` is allowed), which makes the namespaces, waits for
-//! the parent to write its id maps, and forks the namespace's pid 1. Pid 1 sets up the mounts
+//! the parent to write its id maps, and forks the namespace's pid 1. (The same re-execution
+//! with a task instead of a spec is [`super::mapped`]'s helper.) Pid 1 sets up the mounts
 //! ([`super::plan`]), forks the payload as the image user, forwards signals to it and exits
 //! with its status, which takes every other process of the namespace with it.
 
@@ -33,6 +34,9 @@ pub fn sandbox_init() -> ! {
         &sync,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     );
+    if std::env::var_os(super::mapped::TASK_ENV).is_some() {
+        super::mapped::task_init(sync);
+    }
     let mut report = Reporter { sync };
     let spec: SandboxSpec = match std::env::var(SPEC_ENV)
         .map_err(|e| e.to_string())
@@ -41,11 +45,7 @@ pub fn sandbox_init() -> ! {
         Ok(spec) => spec,
         Err(why) => report.fail(Message::SetupFailed(format!("sandbox spec: {why}"))),
     };
-    let mut flags = CloneFlags::CLONE_NEWUSER
-        | CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWIPC;
+    let mut flags = CloneFlags::from_bits_truncate(super::sys::SANDBOX_NAMESPACES);
     if spec.network == Network::None {
         flags |= CloneFlags::CLONE_NEWNET;
     }

@@ -12,9 +12,15 @@
 //! mapped, the payload then nests a user namespace mapping that root to the image user, so
 //! the caller's rootless-unpacked files are the image user's; with `newuidmap`/`newgidmap`
 //! and a subordinate range in /etc/subuid and /etc/subgid, ids 1–65535 are mapped too and the
-//! payload simply becomes the image user.
+//! payload simply becomes the image user, on a tree that [`mapped`]'s helper unpacked with the
+//! image's owners (ids of the range on disk). Builds still run their buildpacks as the caller
+//! ([`SandboxSpec::user_is_caller`]) on a caller-owned tree.
+//!
+//! `--sandbox auto` asks [`probe_user_namespaces`], which forks a child that tries the
+//! sandbox's `unshare` and exits: no program is run.
 
 pub mod child;
+pub mod mapped;
 pub mod plan;
 pub mod sys;
 
@@ -221,25 +227,8 @@ pub struct RunControl<'a> {
 
 /// Runs `spec` and returns the process's exit code (128+N when killed by signal N).
 pub fn run(spec: &SandboxSpec, control: &RunControl) -> Result<i32, SandboxError> {
-    let (ours, theirs) = UnixStream::pair().map_err(|e| io_error("socketpair", e))?;
-    let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
     let spec_json = serde_json::to_string(spec).expect("specs serialize");
-    let mut command = Command::new(&control.lathe_exe);
-    command.arg(INIT_ARG).env(SPEC_ENV, spec_json);
-    // SAFETY: only async-signal-safe calls (dup2, prctl) between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::dup2(theirs_fd, SYNC_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = command
-        .spawn()
-        .map_err(|e| io_error(&control.lathe_exe.display().to_string(), e))?;
-    drop(theirs);
+    let (mut child, ours) = spawn_init(&control.lathe_exe, SPEC_ENV, spec_json)?;
     let pid = child.id();
     let mut reader = BufReader::new(ours.try_clone().map_err(|e| io_error("socket", e))?);
     let mut writer = ours;
@@ -337,6 +326,33 @@ pub fn run(spec: &SandboxSpec, control: &RunControl) -> Result<i32, SandboxError
         .unwrap_or(1))
 }
 
+/// Starts `lathe __sandbox-init` with `value` in the environment variable `key`, the other
+/// end of the returned socket as its descriptor [`SYNC_FD`], and death with its parent.
+fn spawn_init(
+    lathe_exe: &Path,
+    key: &str,
+    value: String,
+) -> Result<(std::process::Child, UnixStream), SandboxError> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| io_error("socketpair", e))?;
+    let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    let mut command = Command::new(lathe_exe);
+    command.arg(INIT_ARG).env(key, value);
+    // SAFETY: only async-signal-safe calls (dup2, prctl) between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(theirs_fd, SYNC_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let child = command
+        .spawn()
+        .map_err(|e| io_error(&lathe_exe.display().to_string(), e))?;
+    Ok((child, ours))
+}
+
 fn io_error(what: &str, e: std::io::Error) -> SandboxError {
     SandboxError::Io {
         what: what.to_string(),
@@ -374,45 +390,12 @@ fn write_id_maps(
     image_gid: u32,
     user_is_caller: bool,
 ) -> Result<bool, String> {
-    let caller_uid = nix::unistd::getuid().as_raw();
-    let caller_gid = nix::unistd::getgid().as_raw();
-    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten()
-        .map(|u| u.name);
-    let helpers =
-        Path::new("/usr/bin/newuidmap").exists() && Path::new("/usr/bin/newgidmap").exists();
-    let (sub_uid, sub_gid) = if helpers && caller_uid != 0 {
-        (
-            subordinate_range("/etc/subuid", user.as_deref(), caller_uid),
-            subordinate_range("/etc/subgid", user.as_deref(), caller_uid),
-        )
-    } else {
-        (None, None)
-    };
-    if let (Some(sub_uid), Some(sub_gid)) = (sub_uid, sub_gid) {
-        for (helper, ranges) in [
-            ("/usr/bin/newuidmap", id_ranges(caller_uid, Some(sub_uid))),
-            ("/usr/bin/newgidmap", id_ranges(caller_gid, Some(sub_gid))),
-        ] {
-            let mut args = vec![pid.to_string()];
-            for (inside, outside, count) in ranges {
-                args.extend([inside, outside, count].map(|n| n.to_string()));
-            }
-            let out = Command::new(helper)
-                .args(&args)
-                .output()
-                .map_err(|e| format!("{helper}: {e}"))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "{helper} {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
-        }
+    if let Some(ids) = subordinate_ids() {
+        map_subordinate_ids(pid, &ids)?;
         return Ok(user_is_caller);
     }
+    let caller_uid = nix::unistd::getuid().as_raw();
+    let caller_gid = nix::unistd::getgid().as_raw();
     let write = |file: &str, text: String| {
         let path = format!("/proc/{pid}/{file}");
         std::fs::write(&path, text).map_err(|e| format!("{path}: {e}"))
@@ -432,6 +415,76 @@ fn write_id_maps(
     Ok(nests_user_namespace(caller_uid, None))
 }
 
+/// An unprivileged caller's subordinate ids, from /etc/subuid and /etc/subgid, that the
+/// setuid `newuidmap` and `newgidmap` map for it: with them the sandbox maps ids 0–65535
+/// (the caller as root, the range from 1), so images keep their owners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SubordinateIds {
+    /// The first host uid of the range and how many.
+    pub uids: (u32, u32),
+    /// The first host gid of the range and how many.
+    pub gids: (u32, u32),
+}
+
+impl SubordinateIds {
+    /// A name for what was made with these ids (store trees owned through them).
+    pub fn tag(&self) -> String {
+        format!("ids-{}-{}", self.uids.0, self.gids.0)
+    }
+}
+
+const NEWUIDMAP: &str = "/usr/bin/newuidmap";
+const NEWGIDMAP: &str = "/usr/bin/newgidmap";
+
+/// The caller's subordinate ids, when it is not root, `newuidmap` and `newgidmap` are there
+/// and /etc/subuid and /etc/subgid give it 65536 ids or more.
+pub fn subordinate_ids() -> Option<SubordinateIds> {
+    let uid = nix::unistd::getuid();
+    if uid.is_root() || !Path::new(NEWUIDMAP).exists() || !Path::new(NEWGIDMAP).exists() {
+        return None;
+    }
+    let user = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let range = |file: &str| {
+        let text = std::fs::read_to_string(file).ok()?;
+        subordinate_range(&text, user.as_deref(), uid.as_raw())
+    };
+    Some(SubordinateIds {
+        uids: range("/etc/subuid")?,
+        gids: range("/etc/subgid")?,
+    })
+}
+
+/// Maps process `pid`'s new user namespace through `newuidmap` and `newgidmap`: the caller
+/// as root, `ids` from 1 (see [`id_ranges`]).
+fn map_subordinate_ids(pid: u32, ids: &SubordinateIds) -> Result<(), String> {
+    let caller_uid = nix::unistd::getuid().as_raw();
+    let caller_gid = nix::unistd::getgid().as_raw();
+    for (helper, ranges) in [
+        (NEWUIDMAP, id_ranges(caller_uid, Some(ids.uids))),
+        (NEWGIDMAP, id_ranges(caller_gid, Some(ids.gids))),
+    ] {
+        let mut args = vec![pid.to_string()];
+        for (inside, outside, count) in ranges {
+            args.extend([inside, outside, count].map(|n| n.to_string()));
+        }
+        let out = Command::new(helper)
+            .args(&args)
+            .output()
+            .map_err(|e| format!("{helper}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{helper} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// An identity map of the ids this process's own user namespace has.
 fn identity_of_own_ids(map_file: &str) -> Result<Vec<IdRange>, String> {
     Ok(idmap::read(map_file)?
@@ -440,9 +493,9 @@ fn identity_of_own_ids(map_file: &str) -> Result<Vec<IdRange>, String> {
         .collect())
 }
 
-/// The caller's range in /etc/subuid or /etc/subgid (by name or uid), if it has 65536 ids.
-fn subordinate_range(file: &str, user: Option<&str>, uid: u32) -> Option<(u32, u32)> {
-    let text = std::fs::read_to_string(file).ok()?;
+/// The caller's range in the text of /etc/subuid or /etc/subgid (by name or uid), if it has
+/// 65536 ids.
+fn subordinate_range(text: &str, user: Option<&str>, uid: u32) -> Option<(u32, u32)> {
     text.lines().find_map(|line| {
         let mut fields = line.split(':');
         let who = fields.next()?;
@@ -497,21 +550,33 @@ pub fn diagnose_user_namespaces() -> String {
     }
 }
 
-/// Whether user namespaces can be made here, tried in a throwaway child (this process may
-/// have threads, which unshare refuses).
-pub fn user_namespaces_work() -> bool {
-    let mut probe = Command::new("/bin/true");
-    // SAFETY: unshare is async-signal-safe; the child is single-threaded after fork.
-    unsafe {
-        probe.pre_exec(|| {
-            if libc::unshare(libc::CLONE_NEWUSER) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
+/// Whether user namespaces (and the sandbox's other namespaces) can be made here: a forked
+/// child of this process tries `unshare` and exits, executing nothing. `Err` says why not.
+pub fn probe_user_namespaces() -> Result<(), String> {
+    probe_verdict(sys::fork_and_unshare(sys::SANDBOX_NAMESPACES)?)
+}
+
+/// What the probe child's end says: exit 0 is success, exit N the errno of a refused
+/// unshare.
+pub fn probe_verdict(status: nix::sys::wait::WaitStatus) -> Result<(), String> {
+    use nix::sys::wait::WaitStatus;
+    match status {
+        WaitStatus::Exited(_, 0) => Ok(()),
+        WaitStatus::Exited(_, errno) => Err(format!(
+            "unshare(CLONE_NEWUSER) was refused: {}",
+            nix::errno::Errno::from_raw(errno).desc()
+        )),
+        WaitStatus::Signaled(_, signal, _) => Err(format!(
+            "the user namespace probe was killed by {signal} (a seccomp filter that kills, \
+             perhaps)"
+        )),
+        other => Err(format!("the user namespace probe ended oddly ({other:?})")),
     }
-    probe.status().is_ok_and(|s| s.success())
+}
+
+/// Whether user namespaces can be made here (see [`probe_user_namespaces`]).
+pub fn user_namespaces_work() -> bool {
+    probe_user_namespaces().is_ok()
 }
 
 #[cfg(test)]
@@ -536,6 +601,78 @@ mod tests {
         let ranges = id_ranges(2000, Some((100_000, 65536)));
         assert_eq!(ranges, vec![(0, 2000, 1), (1, 100_000, 65535)]);
         assert!(!nests_user_namespace(2000, Some((100_000, 65536))));
+    }
+
+    #[test]
+    fn subordinate_ranges_are_found_by_name_or_uid_and_need_65536_ids() {
+        let text = "alice:100000:65536\n1002:200000:70000\nsmall:300000:1000\n";
+        assert_eq!(
+            subordinate_range(text, Some("alice"), 1001),
+            Some((100_000, 65536))
+        );
+        assert_eq!(
+            subordinate_range(text, Some("bob"), 1002),
+            Some((200_000, 70000))
+        );
+        assert_eq!(subordinate_range(text, Some("small"), 1003), None);
+        assert_eq!(subordinate_range(text, None, 1004), None);
+        assert_eq!(subordinate_range("garbage\n:::\n", Some("alice"), 1), None);
+        let ids = SubordinateIds {
+            uids: (100_000, 65536),
+            gids: (200_000, 65536),
+        };
+        assert_eq!(ids.tag(), "ids-100000-200000");
+    }
+
+    #[test]
+    fn the_probe_verdict_names_the_errno_or_the_signal() {
+        use nix::sys::signal::Signal;
+        use nix::sys::wait::WaitStatus;
+        let pid = nix::unistd::Pid::from_raw(42);
+        assert_eq!(probe_verdict(WaitStatus::Exited(pid, 0)), Ok(()));
+        let refused = probe_verdict(WaitStatus::Exited(pid, libc::EPERM)).unwrap_err();
+        assert_eq!(
+            refused,
+            "unshare(CLONE_NEWUSER) was refused: Operation not permitted"
+        );
+        let too_many = probe_verdict(WaitStatus::Exited(pid, libc::ENOSPC)).unwrap_err();
+        assert!(too_many.ends_with("No space left on device"), "{too_many}");
+        let killed = probe_verdict(WaitStatus::Signaled(pid, Signal::SIGSYS, false)).unwrap_err();
+        assert!(killed.contains("SIGSYS"), "{killed}");
+    }
+
+    /// The probe answers what `unshare --user` answers, from this test process, which has
+    /// threads (unshare(CLONE_NEWUSER) itself would be refused in it).
+    #[test]
+    fn the_probe_agrees_with_unshare_and_works_in_a_threaded_process() {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || stopped.recv());
+        let threads = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().parse::<u32>()))
+            .unwrap()
+            .unwrap();
+        assert!(threads > 1);
+        // SAFETY: unshare has no memory preconditions; EINVAL is what a threaded process gets.
+        let direct = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
+        assert_eq!(
+            (direct, nix::errno::Errno::last()),
+            (-1, nix::errno::Errno::EINVAL)
+        );
+        let oracle = Command::new("unshare")
+            .args(["--user", "--mount", "--pid", "--uts", "--ipc", "true"])
+            .status()
+            .expect("unshare(1) from util-linux")
+            .success();
+        assert_eq!(
+            probe_user_namespaces().is_ok(),
+            oracle,
+            "{:?}",
+            probe_user_namespaces()
+        );
+        stop.send(()).unwrap();
+        thread.join().unwrap().unwrap();
     }
 
     #[test]

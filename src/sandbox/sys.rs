@@ -56,6 +56,44 @@ pub trait Sys {
     fn pivot_root(&mut self, root: &Path) -> Result<(), String>;
 }
 
+/// The namespaces the sandbox's init unshares (and a network namespace for `--network none`).
+pub const SANDBOX_NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC;
+
+/// Forks a child that calls `unshare(flags)` and exits at once, with 0 when that worked and
+/// the errno when it did not; returns how the child ended. Nothing is executed: the child is
+/// single-threaded whatever this process's threads (unshare refuses CLONE_NEWUSER in a
+/// multithreaded process), and makes only async-signal-safe calls.
+pub fn fork_and_unshare(flags: libc::c_int) -> Result<nix::sys::wait::WaitStatus, String> {
+    // SAFETY: the child calls only unshare, reads errno and _exits (all async-signal-safe);
+    // it touches no lock or allocation another thread may hold.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: see above.
+        unsafe {
+            let code = if libc::unshare(flags) == 0 {
+                0
+            } else {
+                (*libc::__errno_location()).clamp(1, 255)
+            };
+            libc::_exit(code)
+        }
+    }
+    loop {
+        match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(format!("waiting for the user namespace probe: {e}")),
+            Ok(status) => return Ok(status),
+        }
+    }
+}
+
 /// The kernel.
 pub struct RealSys;
 
