@@ -638,7 +638,7 @@ impl Unpacker {
             }
         }
         if !self.record_owners {
-            return Ok(());
+            return Ok(false);
         }
         if owner.uid != 0 || owner.gid != 0 {
             set_xattr(
