@@ -32,6 +32,15 @@ fn io_error(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> ImageErro
 /// What a layer's entries are written to (a compressor, or a hasher).
 pub type LayerWriter<'a> = CnbLayerWriter<&'a mut dyn io::Write>;
 
+/// The diffID of the layer `fill` writes, computed without storing it anywhere.
+pub fn layer_diff_id(fill: impl FnOnce(&mut LayerWriter) -> io::Result<()>) -> io::Result<String> {
+    let mut sink = io::sink();
+    let mut writer = CnbLayerWriter::new(&mut sink as &mut dyn io::Write, LayerCompression::NONE)?;
+    fill(&mut writer)?;
+    let (written, _) = writer.finish()?;
+    Ok(written.diff_id.to_string())
+}
+
 /// A layer lathe wrote: its blob and its diffID.
 #[derive(Debug, Clone)]
 pub struct MadeLayer {
@@ -160,19 +169,7 @@ impl Assembly {
         known: impl Fn(&str) -> Option<(usize, Descriptor)>,
         fill: impl Fn(&mut LayerWriter) -> io::Result<()>,
     ) -> Result<MadeLayer, ImageError> {
-        let diff_id = (|| {
-            let mut sink = io::sink();
-            let uncompressed = LayerCompression {
-                kind: content::Compression::None,
-                level: 0,
-            };
-            let mut writer = CnbLayerWriter::new(&mut sink as &mut dyn io::Write, uncompressed)?;
-            fill(&mut writer)?;
-            writer
-                .finish()
-                .map(|(written, _)| written.diff_id.to_string())
-        })()
-        .map_err(io_error(what))?;
+        let diff_id = layer_diff_id(&fill).map_err(io_error(what))?;
         if let Some((input, blob)) = known(&diff_id) {
             self.take_blob(input, &blob);
             return Ok(MadeLayer { blob, diff_id });

@@ -865,7 +865,7 @@ fn read_previous_image(
             ));
         }
     };
-    let diff_ids = crate::export::diff_ids_of(&found.config);
+    let diff_ids = image::config_diff_ids(&found.config);
     if diff_ids.len() != found.layers.len() {
         return without("its config and manifest disagree on the number of layers".into());
     }

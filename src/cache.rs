@@ -24,7 +24,7 @@ use oci_spec::image::Descriptor;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::assembly::Assembly;
+use crate::assembly::{Assembly, layer_diff_id};
 use crate::export::{BuildpackLayers, LayerMetadata, LayerSha, NORMALIZED_TIME, add_layers_dir};
 use crate::image::{self, ImageError, ImageSource};
 use crate::layer::cnb::{CnbLayerWriter, Owner};
@@ -182,7 +182,7 @@ pub fn read_image(
             return Ok(read);
         }
     };
-    let diff_ids = crate::export::diff_ids_of(&found.config);
+    let diff_ids = image::config_diff_ids(&found.config);
     if diff_ids.len() != found.layers.len() {
         return Err(invalid(
             reference,
@@ -311,22 +311,6 @@ fn record(metadata: &mut CacheMetadata, report: &mut SaveReport, layer: Cached, 
     entry.layers.insert(layer.name, layer_metadata);
 }
 
-/// The diffID of a layer, computed without writing it anywhere.
-fn hash_layer(
-    fill: impl FnOnce(&mut CnbLayerWriter<io::Sink>) -> io::Result<()>,
-) -> io::Result<String> {
-    let mut writer = CnbLayerWriter::new(io::sink(), uncompressed())?;
-    fill(&mut writer)?;
-    Ok(writer.finish()?.0.diff_id.to_string())
-}
-
-fn uncompressed() -> LayerCompression {
-    LayerCompression {
-        kind: crate::content::Compression::None,
-        level: 0,
-    }
-}
-
 /// Saves the build in `layers_dir` (its group.toml, `cache = true` layers and cache SBOMs) as
 /// the cache directory's new content, replacing the old one whole.
 pub fn save_dir(dir: &Path, layers_dir: &Path, owner: Owner) -> Result<SaveReport, CacheError> {
@@ -341,7 +325,7 @@ pub fn save_dir(dir: &Path, layers_dir: &Path, owner: Owner) -> Result<SaveRepor
     fs::create_dir(&staging).map_err(|e| invalid(staging.display(), e))?;
     let staged = (|| -> Result<(), CacheError> {
         let put = |source: &Path, image_path: &str| -> Result<(String, bool), CacheError> {
-            let diff_id = hash_layer(|w| add_layers_dir(w, source, image_path, owner))
+            let diff_id = layer_diff_id(|w| add_layers_dir(w, source, image_path, owner))
                 .map_err(|e| invalid(source.display(), e))?;
             let to = tar_path(&staging, &diff_id);
             if to.exists() {
@@ -354,7 +338,7 @@ pub fn save_dir(dir: &Path, layers_dir: &Path, owner: Owner) -> Result<SaveRepor
             }
             let file = File::create(&to).map_err(|e| invalid(to.display(), e))?;
             let written = (|| -> io::Result<WrittenLayer> {
-                let mut writer = CnbLayerWriter::new(&file, uncompressed())?;
+                let mut writer = CnbLayerWriter::new(&file, LayerCompression::NONE)?;
                 add_layers_dir(&mut writer, source, image_path, owner)?;
                 Ok(writer.finish()?.0)
             })()

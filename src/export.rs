@@ -281,7 +281,7 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         assembly.take_blob(run_input, layer);
     }
     let mut config = run.config;
-    let base_diff_ids = diff_ids_of(&config);
+    let base_diff_ids = crate::image::config_diff_ids(&config);
     if base_diff_ids.len() != layers.len() {
         return Err(invalid(
             &run_what,
@@ -578,18 +578,6 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         default_process,
         warnings,
     })
-}
-
-/// An image config's `rootfs.diff_ids`.
-pub fn diff_ids_of(config: &Value) -> Vec<String> {
-    config["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|ids| {
-            ids.iter()
-                .filter_map(|id| id.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The process the image starts by default: `--default-process` (which must exist), else the

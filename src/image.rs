@@ -346,6 +346,18 @@ pub fn read_platform_image(
     read_manifest_and_config(source, resolved.root, wanted)
 }
 
+/// An image config's `rootfs.diff_ids`, in layer order.
+pub fn config_diff_ids(config: &Value) -> Vec<String> {
+    config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|ids| {
+            ids.iter()
+                .filter_map(|id| id.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The image a command that needs one runs when no platform is asked for: a single image
 /// whatever its platform, or the host's child of an index.
 pub fn read_default_image(source: &dyn ImageSource) -> Result<PlatformImage, ImageError> {

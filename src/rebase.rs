@@ -390,18 +390,6 @@ fn lifecycle_label(config: &Value, what: &str) -> Result<LifecycleMetadata, Reba
         .map_err(|e| invalid(what, format!("its {LIFECYCLE_METADATA_LABEL} label: {e}")))
 }
 
-fn diff_ids_of(config: &Value) -> Vec<String> {
-    config
-        .pointer("/rootfs/diff_ids")
-        .and_then(Value::as_array)
-        .map(|ids| {
-            ids.iter()
-                .filter_map(|id| id.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// `CNB_PLATFORM_API` of the app config's Env, if set.
 fn platform_api(config: &Value, what: &str) -> Result<Option<ApiVersion>, RebaseError> {
     let value = config
@@ -742,7 +730,7 @@ fn rebase_image(
     }
 
     // The layers: the new run image's, then the app's above runImage.topLayer.
-    let diff_ids = diff_ids_of(&app.config);
+    let diff_ids = image::config_diff_ids(&app.config);
     if diff_ids.len() != app.layers.len() {
         return Err(invalid(
             what,
@@ -771,7 +759,7 @@ fn rebase_image(
             ),
         )
     })?;
-    let base_diff_ids = diff_ids_of(&base.config);
+    let base_diff_ids = image::config_diff_ids(&base.config);
     if base_diff_ids.len() != base.layers.len() || base_diff_ids.is_empty() {
         return Err(invalid(
             run_name,

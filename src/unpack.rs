@@ -91,14 +91,7 @@ pub fn unpack(
             what: describe.clone(),
             why: format!("config: {e}"),
         })?;
-    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|d| d.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let diff_ids = image::config_diff_ids(&config);
     if diff_ids.len() != parsed.layers().len() {
         return Err(ImageError::Invalid {
             what: describe,

@@ -858,12 +858,8 @@ mod tests {
         out
     }
 
-    fn uncompressed() -> LayerCompression {
-        "none".parse().unwrap()
-    }
-
     fn tar_of(add: impl FnOnce(&mut CnbLayerWriter<Vec<u8>>) -> io::Result<()>) -> Vec<u8> {
-        let mut writer = CnbLayerWriter::new(Vec::new(), uncompressed()).unwrap();
+        let mut writer = CnbLayerWriter::new(Vec::new(), LayerCompression::NONE).unwrap();
         add(&mut writer).unwrap();
         let (layer, tar) = writer.finish().unwrap();
         assert_eq!(layer.diff_id, layer.digest);
@@ -914,7 +910,8 @@ mod tests {
     #[test]
     fn process_types_layer_is_the_lifecycles_tar() {
         let (layer, tar) =
-            write_process_types_layer(&["web", "worker"], uncompressed(), Vec::new()).unwrap();
+            write_process_types_layer(&["web", "worker"], LayerCompression::NONE, Vec::new())
+                .unwrap();
         let dir = |name, checksum| Ustar {
             name,
             mode: b"0000755\0",
@@ -942,8 +939,8 @@ mod tests {
         assert_eq!(layer.media_type, MediaType::ImageLayer);
 
         for refused in ["", "we/b", "a>b", "c:d"] {
-            let err =
-                write_process_types_layer(&[refused], uncompressed(), Vec::new()).unwrap_err();
+            let err = write_process_types_layer(&[refused], LayerCompression::NONE, Vec::new())
+                .unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidInput, "{refused:?}");
         }
     }
@@ -954,7 +951,7 @@ mod tests {
         let launcher = dir.path().join("launcher");
         fs::write(&launcher, b"#!launcher").unwrap();
         fs::set_permissions(&launcher, fs::Permissions::from_mode(0o700)).unwrap();
-        let (_, tar) = write_launcher_layer(&launcher, uncompressed(), Vec::new()).unwrap();
+        let (_, tar) = write_launcher_layer(&launcher, LayerCompression::NONE, Vec::new()).unwrap();
         let names: Vec<_> = parse_headers(&tar)
             .into_iter()
             .map(|h| (h.name, h.typeflag, h.mode, h.uid, h.size))
@@ -1157,7 +1154,7 @@ mod tests {
 
     #[test]
     fn image_paths_and_modes_are_checked() {
-        let mut writer = CnbLayerWriter::new(Vec::new(), uncompressed()).unwrap();
+        let mut writer = CnbLayerWriter::new(Vec::new(), LayerCompression::NONE).unwrap();
         for bad in [
             "", "/", "relative", "/a/", "/a//b", "/a/./b", "/a/../b", "/a\0b",
         ] {
@@ -1280,9 +1277,14 @@ mod tests {
             uid: 1000,
             gid: 1001,
         };
-        let (written, tar) =
-            write_cnb_dir_layer(&layer, "/layers/bp/layer", cnb, uncompressed(), Vec::new())
-                .unwrap();
+        let (written, tar) = write_cnb_dir_layer(
+            &layer,
+            "/layers/bp/layer",
+            cnb,
+            LayerCompression::NONE,
+            Vec::new(),
+        )
+        .unwrap();
         assert_eq!(written.diff_id, crate::content::sha256_digest(&tar));
 
         let on_disk = fs::metadata(root.path().join("layers")).unwrap();
@@ -1403,7 +1405,7 @@ mod tests {
 
     #[test]
     fn parents_need_enough_ancestors_on_disk() {
-        let mut writer = CnbLayerWriter::new(Vec::new(), uncompressed()).unwrap();
+        let mut writer = CnbLayerWriter::new(Vec::new(), LayerCompression::NONE).unwrap();
         let err = writer
             .add_parents_from_disk(Path::new("/tmp"), "/a/b/c/d")
             .unwrap_err();

@@ -170,6 +170,14 @@ pub struct LayerCompression {
     pub level: i32,
 }
 
+impl LayerCompression {
+    /// A plain tar: what a diffID is computed over, and what the lifecycle's cache keeps.
+    pub const NONE: LayerCompression = LayerCompression {
+        kind: Compression::None,
+        level: 0,
+    };
+}
+
 impl Default for LayerCompression {
     fn default() -> Self {
         LayerCompression {
