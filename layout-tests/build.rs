@@ -17,20 +17,6 @@ use common::*;
 use serde_json::{Value, json};
 
 impl World {
-    /// A bash buildpack written into this world: `detect` and `build` are script bodies.
-    fn buildpack(&self, name: &str, toml: &str, detect: &str, build: &str) -> String {
-        let dir = self.path(&format!("buildpacks/{name}"));
-        fs::create_dir_all(dir.join("bin")).unwrap();
-        fs::write(dir.join("buildpack.toml"), toml).unwrap();
-        for (file, body) in [("detect", detect), ("build", build)] {
-            let path = dir.join("bin").join(file);
-            fs::write(&path, format!("#!/bin/bash\nset -eu\n{body}\n")).unwrap();
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        tool("chmod", &["-R", "a+rX", dir.to_str().unwrap()]);
-        dir.to_string_lossy().into_owned()
-    }
-
     /// `lathe build APP` as `who` on the fixture images with `extra` arguments.
     fn build(&self, who: Who, app: &str, extra: &[&str]) -> Output {
         let world = world_readable_lathe_and_fixtures();

@@ -18,41 +18,6 @@ use common::*;
 use registry_support::{FaultProxy, RegistryConfig, TestRegistry};
 use serde_json::Value;
 
-impl World {
-    /// `lathe build APP --output OUTPUT` with the given buildpack, on the fixture images.
-    fn build(&self, app: &Path, buildpack: &str, output: &str, extra: &[&str]) -> Output {
-        let world = world_readable_lathe_and_fixtures();
-        let images = world.join("images");
-        let mut command = command_as(Who::TestUser, &world.join("lathe"));
-        command
-            .arg("build")
-            .arg(app)
-            .arg(format!("--build-image=oci:{}:build", images.display()));
-        if !extra.iter().any(|a| a.starts_with("--run-image")) {
-            command.arg(format!("--run-image=oci:{}:run", images.display()));
-        }
-        command
-            .arg(format!(
-                "--buildpack={}",
-                self.path(&format!("buildpacks/{buildpack}")).display()
-            ))
-            .arg(format!("--output={output}"))
-            .arg(format!("--store={}", self.path("store").display()))
-            .arg("--json")
-            .args(extra)
-            .output()
-            .expect("run lathe build")
-    }
-}
-
-/// The image digest a successful `--json` build reports.
-fn built_digest(out: &Output) -> String {
-    assert_eq!(out.status.code(), Some(0), "{}", report(out));
-    let result: Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", report(out)));
-    result["image"]["digest"].as_str().unwrap().to_string()
-}
-
 fn config_of(reference: &str) -> Value {
     let text = tool("skopeo", &["inspect", "--config", reference]);
     serde_json::from_str(&text).unwrap()
@@ -82,7 +47,13 @@ fn run_as_unprivileged(image: &str, extra: &[&str]) -> Output {
 fn the_app_image_runs_its_processes_with_env_files_and_exec_d() {
     let world = World::new();
     let image = format!("oci:{}:app", world.path("out").display());
-    let out = world.build(&world.path("apps/deps-app"), "cached-deps", &image, &[]);
+    let out = world.build_app(
+        Who::TestUser,
+        &world.path("apps/deps-app"),
+        "cached-deps",
+        &image,
+        &[],
+    );
     built_digest(&out);
     tool(
         "chmod",
@@ -110,7 +81,13 @@ fn the_app_image_runs_its_processes_with_env_files_and_exec_d() {
 fn the_config_and_labels_follow_the_lifecycle() {
     let world = World::new();
     let image = format!("oci:{}:app", world.path("out").display());
-    let out = world.build(&world.path("apps/site"), "static-site", &image, &[]);
+    let out = world.build_app(
+        Who::TestUser,
+        &world.path("apps/site"),
+        "static-site",
+        &image,
+        &[],
+    );
     let digest = built_digest(&out);
     let manifest: Value =
         serde_json::from_str(&tool("skopeo", &["inspect", "--raw", &image])).unwrap();
@@ -294,14 +271,16 @@ fn two_builds_from_two_directories_at_two_times_give_one_digest() {
             second_app.join("public/index.html").to_str().unwrap(),
         ],
     );
-    let first = world.build(
+    let first = world.build_app(
+        Who::TestUser,
         &first_app,
         "static-site",
         &format!("oci:{}:app", world.path("one").display()),
         &[],
     );
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let second = world.build(
+    let second = world.build_app(
+        Who::TestUser,
         &second_app,
         "static-site",
         &format!("oci-archive:{}:app", world.path("two.tar").display()),
@@ -356,7 +335,7 @@ fn a_rebuild_sends_only_what_changed_to_the_registry() {
     let image = format!("docker://{}/app:1", proxy.host());
     let app = world.path("apps/site");
 
-    let first = world.build(&app, "static-site", &image, &[]);
+    let first = world.build_app(Who::TestUser, &app, "static-site", &image, &[]);
     let first_digest = built_digest(&first);
     assert!(uploads(&proxy) > 0);
     let check = tool(
@@ -369,13 +348,13 @@ fn a_rebuild_sends_only_what_changed_to_the_registry() {
     );
 
     proxy.clear();
-    let again = world.build(&app, "static-site", &image, &[]);
+    let again = world.build_app(Who::TestUser, &app, "static-site", &image, &[]);
     assert_eq!(built_digest(&again), first_digest);
     assert_eq!(uploads(&proxy), 0, "{:#?}", proxy.seen());
 
     proxy.clear();
     fs::write(app.join("public/extra.txt"), "one more file\n").unwrap();
-    let changed = world.build(&app, "static-site", &image, &[]);
+    let changed = world.build_app(Who::TestUser, &app, "static-site", &image, &[]);
     assert_ne!(built_digest(&changed), first_digest);
     // The site layer and the app layer both hold the new file (the buildpack copies public/),
     // and the buildpack's label (files = 3) is in metadata.toml, the launcher config layer: so
@@ -395,11 +374,18 @@ fn bad_input_is_named_and_leaves_the_destination_alone() {
     let world = World::new();
     let out_dir = world.path("out");
     let image = format!("oci:{}:app", out_dir.display());
-    built_digest(&world.build(&world.path("apps/site"), "static-site", &image, &[]));
+    built_digest(&world.build_app(
+        Who::TestUser,
+        &world.path("apps/site"),
+        "static-site",
+        &image,
+        &[],
+    ));
     let before = snapshot(&out_dir);
     let images = world_readable_lathe_and_fixtures().join("images");
 
-    let wrong_platform = world.build(
+    let wrong_platform = world.build_app(
+        Who::TestUser,
         &world.path("apps/site"),
         "static-site",
         &image,
@@ -416,7 +402,8 @@ fn bad_input_is_named_and_leaves_the_destination_alone() {
     );
 
     let missing = world.path("no-such-launcher");
-    let no_launcher = world.build(
+    let no_launcher = world.build_app(
+        Who::TestUser,
         &world.path("apps/site"),
         "static-site",
         &image,
@@ -431,7 +418,8 @@ fn bad_input_is_named_and_leaves_the_destination_alone() {
     let err = String::from_utf8_lossy(&no_launcher.stderr);
     assert!(err.contains(&missing.display().to_string()), "{err}");
 
-    let unknown = world.build(
+    let unknown = world.build_app(
+        Who::TestUser,
         &world.path("apps/site"),
         "static-site",
         &image,
@@ -475,7 +463,8 @@ fn bad_input_is_named_and_leaves_the_destination_alone() {
 fn tags_name_the_image_where_the_output_is() {
     let world = World::new();
     let layout = world.path("out");
-    let out = world.build(
+    let out = world.build_app(
+        Who::TestUser,
         &world.path("apps/site"),
         "static-site",
         &format!("oci:{}:app", layout.display()),
@@ -488,7 +477,8 @@ fn tags_name_the_image_where_the_output_is() {
     }
 
     let archive = world.path("app.tar");
-    let refused = world.build(
+    let refused = world.build_app(
+        Who::TestUser,
         &world.path("apps/site"),
         "static-site",
         &format!("oci-archive:{}:app", archive.display()),
@@ -506,16 +496,7 @@ fn tags_name_the_image_where_the_output_is() {
 /// A buildpack with a launch layer it keeps (without a directory) when the previous image has
 /// it at the same version, and a cache-only layer it reuses when the cache restored it.
 fn keeper_buildpack(world: &World) {
-    let dir = world.path("buildpacks/keeper");
-    fs::create_dir_all(dir.join("bin")).unwrap();
-    fs::write(
-        dir.join("buildpack.toml"),
-        "api = \"0.10\"\n[buildpack]\nid = \"lathe-test/keeper\"\nversion = \"1.0.0\"\n",
-    )
-    .unwrap();
-    let build = r#"#!/bin/sh
-set -eu
-layers="$CNB_LAYERS_DIR"
+    let build = r#"layers="$CNB_LAYERS_DIR"
 if [ -n "${KEEP:-}" ] || grep -q 'version = "1"' "$layers/runtime.toml" 2>/dev/null; then
   [ ! -e "$layers/runtime" ] || { echo "the launch-only layer came back with contents"; exit 1; }
   echo "keeping runtime from the previous image"
@@ -537,14 +518,13 @@ cat > "$layers/launch.toml" <<'TOML'
 type = "web"
 command = ["sh", "-c", "cat /layers/lathe-test_keeper/runtime/bin/hello"]
 default = true
-TOML
-"#;
-    for (name, body) in [("detect", "#!/bin/sh\nexit 0\n"), ("build", build)] {
-        let path = dir.join("bin").join(name);
-        fs::write(&path, body).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    tool("chmod", &["-R", "a+rX", dir.to_str().unwrap()]);
+TOML"#;
+    world.buildpack(
+        "keeper",
+        "api = \"0.10\"\n[buildpack]\nid = \"lathe-test/keeper\"\nversion = \"1.0.0\"\n",
+        "exit 0",
+        build,
+    );
 }
 
 /// Replaces the lifecycle label of `oci:DIR:name` with text that is not JSON, as a damaged
@@ -594,7 +574,7 @@ fn the_previous_image_and_the_cache_image_give_back_what_a_rebuild_keeps() {
     let cache = format!("--cache-image=docker://{}/kept-cache:1", proxy.host());
     let app = world.path("apps/site");
 
-    let first = world.build(&app, "keeper", &image, &[&cache]);
+    let first = world.build_app(Who::TestUser, &app, "keeper", &image, &[&cache]);
     let first_digest = built_digest(&first);
     let err = stderr(&first);
     assert!(err.contains("making runtime"), "{err}");
@@ -624,7 +604,7 @@ fn the_previous_image_and_the_cache_image_give_back_what_a_rebuild_keeps() {
     // The rebuild keeps the launch layer (no directory: the previous image's blob) and gets
     // the cache-only layer back from the cache image; nothing new is uploaded.
     proxy.clear();
-    let second = world.build(&app, "keeper", &image, &[&cache]);
+    let second = world.build_app(Who::TestUser, &app, "keeper", &image, &[&cache]);
     assert_eq!(built_digest(&second), first_digest);
     let err = stderr(&second);
     assert!(
@@ -648,7 +628,8 @@ fn the_previous_image_and_the_cache_image_give_back_what_a_rebuild_keeps() {
     let layout = world.path("layout");
     lathe_ok(&["copy", &image, &format!("oci:{}:bad", layout.display())]);
     break_lifecycle_label(&layout, "bad");
-    let damaged = world.build(
+    let damaged = world.build_app(
+        Who::TestUser,
         &app,
         "keeper",
         &format!("oci:{}:new", world.path("out").display()),
@@ -665,7 +646,8 @@ fn the_previous_image_and_the_cache_image_give_back_what_a_rebuild_keeps() {
 
     // A layer kept without contents that no previous image has: export names it (exit 62).
     let out_dir = world.path("out2");
-    let orphan = world.build(
+    let orphan = world.build_app(
+        Who::TestUser,
         &app,
         "keeper",
         &format!("oci:{}:app", out_dir.display()),
@@ -686,32 +668,24 @@ fn the_previous_image_and_the_cache_image_give_back_what_a_rebuild_keeps() {
 #[test]
 fn a_program_for_another_machine_in_a_launch_layer_is_named() {
     let world = World::new();
-    let dir = world.path("buildpacks/foreign");
-    fs::create_dir_all(dir.join("bin")).unwrap();
-    fs::write(
-        dir.join("buildpack.toml"),
+    let dir = world.buildpack(
+        "foreign",
         "api = \"0.10\"\n[buildpack]\nid = \"lathe-test/foreign\"\nversion = \"1.0.0\"\n",
-    )
-    .unwrap();
+        "exit 0",
+        "mkdir -p \"$CNB_LAYERS_DIR/tools/bin\"\n\
+         cp \"$CNB_BUILDPACK_DIR/tool-arm64\" \"$CNB_LAYERS_DIR/tools/bin/tool\"\n\
+         printf '[types]\\nlaunch = true\\n' > \"$CNB_LAYERS_DIR/tools.toml\"",
+    );
     fs::copy(
         repo_root().join("launcher/bin/launcher-arm64"),
-        dir.join("tool-arm64"),
+        Path::new(&dir).join("tool-arm64"),
     )
     .unwrap();
-    let build = "#!/bin/sh\nset -eu\nmkdir -p \"$CNB_LAYERS_DIR/tools/bin\"\n\
-                 cp \"$CNB_BUILDPACK_DIR/tool-arm64\" \"$CNB_LAYERS_DIR/tools/bin/tool\"\n\
-                 printf '[types]\\nlaunch = true\\n' > \"$CNB_LAYERS_DIR/tools.toml\"\n";
-    for (name, body) in [("detect", "#!/bin/sh\nexit 0\n"), ("build", build)] {
-        let path = dir.join("bin").join(name);
-        fs::write(&path, body).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    tool("chmod", &["-R", "a+rX", dir.to_str().unwrap()]);
     let out_dir = world.path("out");
     let image = format!("oci:{}:app", out_dir.display());
     let app = world.path("apps/site");
 
-    let refused = world.build(&app, "foreign", &image, &[]);
+    let refused = world.build_app(Who::TestUser, &app, "foreign", &image, &[]);
     assert_eq!(refused.status.code(), Some(62), "{}", report(&refused));
     let err = stderr(&refused);
     assert!(
@@ -723,7 +697,13 @@ fn a_program_for_another_machine_in_a_launch_layer_is_named() {
     );
     assert!(!out_dir.join("index.json").exists(), "nothing is written");
 
-    let allowed = world.build(&app, "foreign", &image, &["--allow-foreign-binaries"]);
+    let allowed = world.build_app(
+        Who::TestUser,
+        &app,
+        "foreign",
+        &image,
+        &["--allow-foreign-binaries"],
+    );
     built_digest(&allowed);
     assert!(
         stderr(&allowed).contains("bin/tool: linux/arm64"),

@@ -40,26 +40,13 @@ impl World {
     /// `lathe build` of the multiarch app with one buildpack for `platform`, as an
     /// unprivileged user, into `oci:OUT:REF`.
     fn build(&self, buildpack: &str, platform: &str, reference: &str) -> Output {
-        let world = world_readable_lathe_and_fixtures();
-        let images = world.join("images");
-        command_as(Who::Unprivileged, &world.join("lathe"))
-            .arg("build")
-            .arg(self.path(APP))
-            .arg(format!("--build-image=oci:{}:build", images.display()))
-            .arg(format!("--run-image=oci:{}:run", images.display()))
-            .arg(format!(
-                "--buildpack={}",
-                self.arg(&format!("buildpacks/{buildpack}"))
-            ))
-            .arg(format!("--platform={platform}"))
-            .arg(format!(
-                "--output=oci:{}:{reference}",
-                self.path("out").display()
-            ))
-            .arg(format!("--store={}", self.path("store").display()))
-            .arg("--json")
-            .output()
-            .expect("run lathe build")
+        self.build_app(
+            Who::Unprivileged,
+            &self.path(APP),
+            buildpack,
+            &format!("oci:{}:{reference}", self.path("out").display()),
+            &[&format!("--platform={platform}")],
+        )
     }
 
     /// Builds and requires success; returns the build's `--json` result and its stderr.

@@ -49,35 +49,22 @@ impl World {
         output: &str,
         extra: &[&str],
     ) -> Output {
-        let world = world_readable_lathe_and_fixtures();
-        command_as(Who::TestUser, &world.join("lathe"))
-            .arg("build")
-            .arg(self.path(&format!("apps/{app}")))
-            .arg(format!("--build-image=oci:{}:build", images().display()))
-            .arg(format!("--run-image={run_image}"))
-            .arg(format!(
-                "--buildpack={}",
-                self.path(&format!("buildpacks/{buildpack}")).display()
-            ))
-            .arg(format!("--output={output}"))
-            .arg(format!("--store={}", self.path("store").display()))
-            .arg("--json")
-            .args(extra)
-            .output()
-            .expect("run lathe build")
+        let run_image = format!("--run-image={run_image}");
+        let mut args = vec![run_image.as_str()];
+        args.extend(extra);
+        self.build_app(
+            Who::TestUser,
+            &self.path(&format!("apps/{app}")),
+            buildpack,
+            output,
+            &args,
+        )
     }
 
     /// `oci:WORLD/DIR:NAME`.
     fn oci(&self, dir: &str, name: &str) -> String {
         format!("oci:{}:{name}", self.path(dir).display())
     }
-}
-
-fn built_digest(out: &Output) -> String {
-    assert_eq!(out.status.code(), Some(0), "{}", report(out));
-    let result: Value =
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", report(out)));
-    result["image"]["digest"].as_str().unwrap().to_string()
 }
 
 /// `lathe rebase ARGS --json`; the parsed outcome when it succeeds.

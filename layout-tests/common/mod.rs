@@ -305,6 +305,62 @@ impl World {
     pub fn arg(&self, relative: &str) -> String {
         self.path(relative).to_string_lossy().into_owned()
     }
+
+    /// A bash buildpack written into this world: `detect` and `build` are script bodies.
+    pub fn buildpack(&self, name: &str, toml: &str, detect: &str, build: &str) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.path(&format!("buildpacks/{name}"));
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("buildpack.toml"), toml).unwrap();
+        for (file, body) in [("detect", detect), ("build", build)] {
+            let path = dir.join("bin").join(file);
+            std::fs::write(&path, format!("#!/bin/bash\nset -eu\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        tool("chmod", &["-R", "a+rX", dir.to_str().unwrap()]);
+        dir.to_string_lossy().into_owned()
+    }
+
+    /// `lathe build APP --buildpack buildpacks/BUILDPACK --output OUTPUT --json` as `who`, on
+    /// the fixture build image and (unless `extra` names one) the fixture run image.
+    pub fn build_app(
+        &self,
+        who: Who,
+        app: &Path,
+        buildpack: &str,
+        output: &str,
+        extra: &[&str],
+    ) -> Output {
+        let world = world_readable_lathe_and_fixtures();
+        let images = world.join("images");
+        let mut command = command_as(who, &world.join("lathe"));
+        command
+            .arg("build")
+            .arg(app)
+            .arg(format!("--build-image=oci:{}:build", images.display()));
+        if !extra.iter().any(|a| a.starts_with("--run-image")) {
+            command.arg(format!("--run-image=oci:{}:run", images.display()));
+        }
+        command
+            .arg(format!(
+                "--buildpack={}",
+                self.arg(&format!("buildpacks/{buildpack}"))
+            ))
+            .arg(format!("--output={output}"))
+            .arg(format!("--store={}", self.path("store").display()))
+            .arg("--json")
+            .args(extra)
+            .output()
+            .expect("run lathe build")
+    }
+}
+
+/// The image digest a successful `--json` build reports.
+pub fn built_digest(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(0), "{}", report(out));
+    let result: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", report(out)));
+    result["image"]["digest"].as_str().unwrap().to_string()
 }
 
 /// A world-readable copy of the lathe binary and the fixture images (`DIR/lathe` and
