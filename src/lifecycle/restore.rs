@@ -270,6 +270,19 @@ mod tests {
         .unwrap();
     }
 
+    /// The layers dir of a first build of `acme/deps` (with group.toml), and where its cache
+    /// and a second build go.
+    fn first_build(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let first = root.join("first");
+        fs::create_dir_all(first.join("acme_deps")).unwrap();
+        fs::write(
+            first.join("group.toml"),
+            "[[group]]\nid = \"acme/deps\"\nversion = \"1.0.0\"\napi = \"0.10\"\n",
+        )
+        .unwrap();
+        (first, root.join("cache"), root.join("second"))
+    }
+
     fn names(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(dir)
             .unwrap()
@@ -282,17 +295,7 @@ mod tests {
     #[test]
     fn restores_by_the_lifecycles_matrix() {
         let root = tempfile::tempdir().unwrap();
-        let (first, cache_dir, second) = (
-            root.path().join("first"),
-            root.path().join("cache"),
-            root.path().join("second"),
-        );
-        fs::create_dir_all(first.join("acme_deps")).unwrap();
-        fs::write(
-            first.join("group.toml"),
-            "[[group]]\nid = \"acme/deps\"\nversion = \"1.0.0\"\napi = \"0.10\"\n",
-        )
-        .unwrap();
+        let (first, cache_dir, second) = first_build(root.path());
         layer(&first, "cached", "cache = true\nbuild = true", "c1");
         layer(&first, "both", "cache = true\nlaunch = true", "b1");
         layer(&first, "stale", "cache = true\nlaunch = true", "s1");
@@ -390,17 +393,7 @@ mod tests {
     #[test]
     fn a_missing_tar_is_a_warning_and_a_rebuilt_layer() {
         let root = tempfile::tempdir().unwrap();
-        let (first, cache_dir, second) = (
-            root.path().join("first"),
-            root.path().join("cache"),
-            root.path().join("second"),
-        );
-        fs::create_dir_all(first.join("acme_deps")).unwrap();
-        fs::write(
-            first.join("group.toml"),
-            "[[group]]\nid = \"acme/deps\"\nversion = \"1.0.0\"\napi = \"0.10\"\n",
-        )
-        .unwrap();
+        let (first, cache_dir, second) = first_build(root.path());
         layer(&first, "cached", "cache = true", "c1");
         crate::cache::save_dir(&cache_dir, &first, Owner { uid: 0, gid: 0 }).unwrap();
         let read = crate::cache::read_dir(&cache_dir);
