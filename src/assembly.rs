@@ -159,20 +159,23 @@ impl Assembly {
         })
     }
 
-    /// Like [`Assembly::write_layer`], but the layer is first hashed uncompressed, which costs
-    /// a fraction of compressing it: when `known` gives a blob (of an input) for its diffID,
-    /// that blob is taken and nothing is compressed. This is how a rebuild reuses the layers
-    /// of the previous image, as the lifecycle's exporter does.
+    /// Like [`Assembly::write_layer`], but when there is a `known` (the blobs an input image
+    /// has, by diffID) the layer is first hashed uncompressed, which costs a fraction of
+    /// compressing it: a blob `known` gives for its diffID is taken and nothing is compressed.
+    /// This is how a rebuild reuses the layers of the previous image, as the lifecycle's
+    /// exporter does; with no previous image nothing is hashed twice.
     pub fn write_layer_or_reuse(
         &mut self,
         what: &str,
-        known: impl Fn(&str) -> Option<(usize, Descriptor)>,
+        known: Option<impl Fn(&str) -> Option<(usize, Descriptor)>>,
         fill: impl Fn(&mut LayerWriter) -> io::Result<()>,
     ) -> Result<MadeLayer, ImageError> {
-        let diff_id = layer_diff_id(&fill).map_err(io_error(what))?;
-        if let Some((input, blob)) = known(&diff_id) {
-            self.take_blob(input, &blob);
-            return Ok(MadeLayer { blob, diff_id });
+        if let Some(known) = known {
+            let diff_id = layer_diff_id(&fill).map_err(io_error(what))?;
+            if let Some((input, blob)) = known(&diff_id) {
+                self.take_blob(input, &blob);
+                return Ok(MadeLayer { blob, diff_id });
+            }
         }
         self.write_layer(what, fill)
     }

@@ -412,7 +412,9 @@ pub fn save_image(
                    source: &Path,
                    image_path: &str|
      -> Result<(String, bool), CacheError> {
-        let known = |diff_id: &str| Some((previous_input?, previous_blobs.get(diff_id)?.clone()));
+        let blobs = &previous_blobs;
+        let known = previous_input
+            .map(|input| move |diff_id: &str| Some((input, blobs.get(diff_id)?.clone())));
         let made = assembly.write_layer_or_reuse(image_path, known, |w| {
             add_layers_dir(w, source, image_path, owner)
         })?;

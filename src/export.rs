@@ -334,10 +334,9 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
     };
     // A layer the previous image has (same diffID) is served from it and never compressed
     // again, so a destination that has the previous image receives nothing new.
-    let known = |diff_id: &str| {
-        let (input, blobs, _) = previous.as_ref()?;
-        Some((*input, blobs.get(diff_id)?.clone()))
-    };
+    let known = previous
+        .as_ref()
+        .map(|(input, blobs, _)| move |diff_id: &str| Some((*input, blobs.get(diff_id)?.clone())));
     let previous_layer = |id: &str, name: &str| -> Option<(usize, MadeLayer)> {
         let (input, blobs, metadata) = previous.as_ref()?;
         let layer = metadata
