@@ -57,6 +57,10 @@ pub struct Assembly {
     inputs: Vec<Box<dyn ImageSource>>,
     /// Blob digest → the input that serves it.
     origins: HashMap<String, usize>,
+    /// The layers staged so far, by diffID.
+    made_layers: HashMap<String, MadeLayer>,
+    /// Manifests staged so far ([`Assembly::write_image`]).
+    images: usize,
     root: Option<Descriptor>,
 }
 
@@ -78,6 +82,8 @@ impl Assembly {
             compression: LayerCompression::default(),
             inputs: Vec::new(),
             origins: HashMap::new(),
+            made_layers: HashMap::new(),
+            images: 0,
             root: None,
         })
     }
@@ -153,26 +159,33 @@ impl Assembly {
                 .map_err(|e| io_error(path.display())(e.error))?;
             self.made.insert(key);
         }
-        Ok(MadeLayer {
+        let made = MadeLayer {
             blob,
             diff_id: written.diff_id.to_string(),
-        })
+        };
+        self.made_layers.insert(made.diff_id.clone(), made.clone());
+        Ok(made)
     }
 
     /// Like [`Assembly::write_layer`], but when there is a `known` (the blobs an input image
-    /// has, by diffID) the layer is first hashed uncompressed, which costs a fraction of
-    /// compressing it: a blob `known` gives for its diffID is taken and nothing is compressed.
-    /// This is how a rebuild reuses the layers of the previous image, as the lifecycle's
-    /// exporter does; with no previous image nothing is hashed twice.
+    /// has, by diffID), or when this assembly already holds another image (of another
+    /// platform), the layer is first hashed uncompressed, which costs a fraction of compressing
+    /// it: a layer staged before with that diffID, or a blob `known` gives for it, is taken and
+    /// nothing is compressed. This is how a rebuild reuses the layers of the previous image, as
+    /// the lifecycle's exporter does, and how a layer several platforms share becomes one blob
+    /// compressed once; for the first image with no previous one nothing is hashed twice.
     pub fn write_layer_or_reuse(
         &mut self,
         what: &str,
         known: Option<impl Fn(&str) -> Option<(usize, Descriptor)>>,
         fill: impl Fn(&mut LayerWriter) -> io::Result<()>,
     ) -> Result<MadeLayer, ImageError> {
-        if let Some(known) = known {
+        if known.is_some() || self.images > 0 {
             let diff_id = layer_diff_id(&fill).map_err(io_error(what))?;
-            if let Some((input, blob)) = known(&diff_id) {
+            if let Some(made) = self.made_layers.get(&diff_id) {
+                return Ok(made.clone());
+            }
+            if let Some((input, blob)) = known.and_then(|known| known(&diff_id)) {
                 self.take_blob(input, &blob);
                 return Ok(MadeLayer { blob, diff_id });
             }
@@ -193,6 +206,7 @@ impl Assembly {
             "config": config_desc,
             "layers": layers,
         });
+        self.images += 1;
         self.write_json(&manifest, MediaType::ImageManifest)
     }
 

@@ -124,8 +124,13 @@ pub struct BuildRequest {
     pub build_image: Option<ImageRef>,
     pub run_image: Option<ImageRef>,
     pub buildpacks: Vec<BuildpackArg>,
-    /// The platform to build for (default: the host's).
-    pub platform: Option<Platform>,
+    /// The platforms to build for (default: the host's); several make one index.
+    pub platforms: Vec<Platform>,
+    /// How platforms after the first get their layers.
+    pub cross_strategy: CrossStrategy,
+    /// Build a target of another machine in the builder's own image for it, under emulation
+    /// (otherwise the buildpacks run on this machine for every target).
+    pub emulate: bool,
     pub env: Vec<(String, String)>,
     pub volumes: Vec<Bind>,
     /// Service bindings: `/platform/bindings/NAME` from a host directory.
@@ -160,6 +165,29 @@ pub struct BuildRequest {
     /// Programs for another machine than the target's in launch or app layers are a warning,
     /// not an export error.
     pub allow_foreign_binaries: bool,
+}
+
+/// How the platforms after the first get their layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrossStrategy {
+    /// `reuse` when the first build made no ELF program and no buildpack declares
+    /// per-architecture targets, else `rebuild`
+    Auto,
+    /// Run detect and build again for every platform
+    Rebuild,
+    /// Put the first build's layers onto every platform's run image
+    Reuse,
+}
+
+impl std::fmt::Display for CrossStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            CrossStrategy::Auto => "auto",
+            CrossStrategy::Rebuild => "rebuild",
+            CrossStrategy::Reuse => "reuse",
+        })
+    }
 }
 
 /// A layer a buildpack made.
@@ -202,9 +230,14 @@ pub struct BuildOutcome {
     pub layers: Vec<LayerSummary>,
     /// config/metadata.toml as the lifecycle wrote it.
     pub metadata: Value,
-    /// The image written.
+    /// The image written (an index when there are several platforms).
     pub image: Option<ImageSummary>,
-    /// What was saved to the cache.
+    /// Each platform's image, in the index's order.
+    pub platforms: Vec<PlatformSummary>,
+    /// With several platforms: how those after the first got their layers, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_strategy: Option<StrategyChoice>,
+    /// What was saved to the cache (one platform; with several, each platform's `cache`).
     pub cache: Option<CacheSummary>,
     #[serde(skip)]
     pub notes: Vec<String>,
@@ -219,7 +252,8 @@ struct BuildImage {
     gid: u32,
 }
 
-/// Runs detect and build for `request`.
+/// Runs detect and build for every platform of `request` and writes the app image (one
+/// platform) or an index of them (several) to `--output` and every `--tag`.
 pub fn build(
     request: &BuildRequest,
     lathe_exe: &Path,
@@ -229,142 +263,698 @@ pub fn build(
     check_arguments(request)?;
     let project = read_project(request)?;
     let mode = choose_sandbox(request)?;
-    if mode == SandboxMode::None {
-        return build_in_this_container(request, project.as_ref());
+    if mode == SandboxMode::None && request.emulate {
+        return Err(BuildError::Usage(
+            "--emulate runs a target's build in the builder's image for it, in the sandbox; \
+             with --sandbox none the buildpacks run in this container"
+                .into(),
+        ));
     }
-    let mut notes = Vec::new();
     let store = Store::open(&request.store)?;
-    let build_ref = request
-        .builder
-        .as_ref()
-        .or(request.build_image.as_ref())
-        .expect("checked");
-    let build_source = store.keep_pulled_owned(image::open_source(build_ref)?)?;
-    let wanted = request.platform.clone().unwrap_or_else(Platform::host);
-    let build_image = read_build_image(build_source.as_ref(), &wanted, &store, progress)?;
-    let run_image = open_run_image(request, &build_image.rootfs, &build_image.platform, &store)?;
-    let target = run_image.target()?;
-
     let scratch = store.scratch()?;
-    let work = scratch.path();
-    let workspace = make_dir(work, "workspace")?;
-    let layers = make_dir(work, "layers")?;
-    let platform_dir = make_dir(work, "platform")?;
-    copy_app(request, project.as_ref(), &workspace)?;
-    let mut binds = vec![
-        bind(&workspace, "/workspace", false),
-        bind(&layers, "/layers", false),
-        bind(&platform_dir, "/platform", true),
-    ];
-    binds.extend(prepare_platform_dir(
-        request,
-        project.as_ref(),
-        &platform_dir,
-    )?);
-    let (buildpack_binds, order_written) = prepare_buildpacks(request, project.as_ref(), &layers)?;
-    binds.extend(buildpack_binds);
-    binds.extend(request.volumes.iter().cloned());
-    let analysis = analyze(request, &run_image.image.platform, work, &mut notes)?;
-    let cache_tars = analysis.cache_tars().map(Path::to_path_buf);
-    if let Some(tars) = &cache_tars {
-        binds.push(bind(tars, CACHE_INSIDE, true));
-    }
-
-    // Root chowns the work area to the build user when its namespace has that user (a rootless
-    // container's root may have only its own id; the sandbox then runs the build as that id,
-    // which owns the work area already).
-    let caller = nix::unistd::getuid().as_raw();
-    if caller == 0 && crate::idmap::own_namespace_maps(build_image.uid, build_image.gid) {
-        for dir in [&workspace, &layers] {
-            chown_tree(dir, build_image.uid, build_image.gid)?;
-        }
-    }
-    let host = Platform::host();
-    let emulator = if build_image.platform.arch != host.arch {
-        Some(Emulator::find_for(&build_image.platform).map_err(BuildError::Invalid)?)
-    } else {
-        None
-    };
-    let lifecycle_env = lifecycle_env(&build_image);
-    let paths = Paths {
-        order: if order_written {
-            "/layers/order.toml".into()
-        } else {
-            "/cnb/order.toml".into()
-        },
-        ..Paths::default()
-    };
-    let spec = SandboxSpec {
-        rootfs: sandbox::RootFs::Private(build_image.rootfs.clone()),
-        binds,
-        argv: Vec::new(),
-        env: lifecycle_env.clone(),
-        cwd: "/workspace".into(),
-        uid: build_image.uid,
-        gid: build_image.gid,
-        network: request.network,
-        emulator,
-        hostname: "lathe".into(),
-        user_is_caller: caller != 0,
-        lifecycle: Some(PhaseRequest {
-            paths,
-            target,
-            exec_env: "production".into(),
-            lifecycle_env,
-            detect_timeout: request.detect_timeout,
-            os_release: "/etc/os-release".into(),
-            restore: analysis
-                .restore_input(cache_tars.as_ref().map(|_| PathBuf::from(CACHE_INSIDE))),
-        }),
-    };
-    let control = RunControl {
-        lathe_exe: lathe_exe.to_path_buf(),
-        timeout: request.timeout,
-        cancel,
-    };
-    let ran = run::run_on_writable_root(spec, &build_image.rootfs, work, &control, &mut notes);
-    let outcome = match ran {
-        Ok(0) => read_outcome(&layers, notes).and_then(|mut outcome| {
-            let builder_launcher = build_image.rootfs.join("cnb/lifecycle/launcher");
-            let platform = run_image.image.platform.clone();
-            let owner = (build_image.uid, build_image.gid);
-            let (previous, cache) = (analysis.previous, analysis.cache);
-            let written = export_and_write(
+    let built = match mode {
+        SandboxMode::None => {
+            let mut runner = InContainer {
+                request,
+                project: project.as_ref(),
+                runs: 0,
+            };
+            build_targets(
                 request,
                 project.as_ref(),
-                ExportInputs {
-                    layers: &layers,
-                    workspace: &workspace,
-                    owner,
-                    run_image,
-                    previous,
-                    builder_launcher: &builder_launcher,
-                    staging: work,
-                },
-                &mut outcome.notes,
-            )?;
-            outcome.image = Some(written);
-            outcome.cache = save_cache(
+                &store,
+                &mut runner,
+                scratch.path(),
+            )
+        }
+        _ => {
+            let build_ref = request
+                .builder
+                .as_ref()
+                .or(request.build_image.as_ref())
+                .expect("checked");
+            let source = store.keep_pulled_owned(image::open_source(build_ref)?)?;
+            let mut runner = Sandboxed {
                 request,
-                cache,
-                &layers,
-                owner,
-                &platform,
-                work,
-                &mut outcome.notes,
-            );
-            Ok(outcome)
-        }),
-        Ok(code) => Err(BuildError::Lifecycle {
-            message: format!("the lifecycle ended with exit code {code}"),
-            code,
-        }),
-        Err(RunError::Sandbox(e)) => Err(e.into()),
-        Err(e) => Err(e.into()),
+                project: project.as_ref(),
+                store: &store,
+                source,
+                images: Vec::new(),
+                control: RunControl {
+                    lathe_exe: lathe_exe.to_path_buf(),
+                    timeout: request.timeout,
+                    cancel,
+                },
+                progress,
+            };
+            build_targets(
+                request,
+                project.as_ref(),
+                &store,
+                &mut runner,
+                scratch.path(),
+            )
+        }
     };
     let scratch_path = scratch.keep();
     let _ = crate::layout::remove_tree(&scratch_path);
-    outcome
+    built
+}
+
+/// The platforms to build, in the order of the index: `--platform`'s, else the host's.
+fn target_platforms(request: &BuildRequest) -> Vec<Platform> {
+    let mut platforms: Vec<Platform> = Vec::new();
+    for platform in &request.platforms {
+        if !platforms.contains(platform) {
+            platforms.push(platform.clone());
+        }
+    }
+    if platforms.is_empty() {
+        platforms.push(Platform::host());
+    }
+    platforms
+}
+
+/// One run of the lifecycle, read back.
+struct Built {
+    /// The host directories the lifecycle saw as /layers and /workspace.
+    layers: PathBuf,
+    workspace: PathBuf,
+    /// The build user, owner of every buildpack and app layer entry.
+    owner: (u32, u32),
+    /// The root of the build image the lifecycle ran in, and the buildpack directories bound
+    /// into it.
+    root: PathBuf,
+    buildpack_binds: Vec<Bind>,
+    /// The platform the buildpacks ran on, and the target they built for.
+    platform: Platform,
+    target: Platform,
+    outcome: BuildOutcome,
+}
+
+impl Built {
+    /// The host directory of a buildpack of the group.
+    fn buildpack_dir(&self, id: &str, version: &str) -> PathBuf {
+        let inside = format!("/cnb/buildpacks/{}/{version}", escape_id(id));
+        self.buildpack_binds
+            .iter()
+            .find(|bind| bind.target == inside)
+            .map(|bind| bind.source.clone())
+            .unwrap_or_else(|| self.root.join(inside.trim_start_matches('/')))
+    }
+
+    /// Where the builder keeps its launcher (used when it has one and no --launcher is given;
+    /// lathe's own otherwise).
+    fn builder_launcher(&self) -> PathBuf {
+        self.root.join("cnb/lifecycle/launcher")
+    }
+}
+
+/// What one lifecycle run is given beside the request.
+struct PhaseInputs {
+    /// The target the buildpacks see (CNB_TARGET_*, target matching): the run image's.
+    target: TargetData,
+    restore: RestoreInput,
+    /// The host directory of the cache's layer tars, bound at `restore.cache_tars`.
+    cache_tars: Option<PathBuf>,
+    notes: Vec<String>,
+}
+
+/// Runs the lifecycle (detect and build) for one target: in the sandbox, rooted in the build
+/// image, or with `--sandbox none` in this very process inside the builder image.
+trait LifecycleRunner {
+    /// The root file system of the build image that builds `target` (its /cnb/run.toml names
+    /// the run image).
+    fn builder_root(&mut self, target: &Platform) -> Result<PathBuf, BuildError>;
+
+    /// Runs detect and build for `target`; `work` is a new directory of its own.
+    fn run(
+        &mut self,
+        target: &Platform,
+        work: &Path,
+        inputs: PhaseInputs,
+    ) -> Result<Built, BuildError>;
+}
+
+/// What one platform of the image got.
+#[derive(Debug, serde::Serialize)]
+pub struct PlatformSummary {
+    pub platform: String,
+    /// The platform's manifest digest.
+    pub digest: String,
+    /// `built`, or `reused the <platform> build` (`--cross-strategy reuse`).
+    pub layers_from: String,
+    /// The platform the buildpacks ran on (the host's, or the target's with `--emulate`).
+    pub built_on: String,
+    /// The cache this platform's build saved (for a build of one platform: the outcome's
+    /// `cache`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSummary>,
+}
+
+/// How the platforms after the first got their layers, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StrategyChoice {
+    pub strategy: CrossStrategy,
+    pub why: String,
+}
+
+/// Builds every target platform and writes the image (or the index) — the heart of `build`,
+/// the same for both runners.
+///
+/// The first platform built is the host's when it is a target (else the first target); with
+/// several targets, `--cross-strategy` then decides whether the others run the buildpacks
+/// again (`rebuild`) or take the first build's layers onto their own run image (`reuse`).
+/// Every platform's image is checked for programs of another machine by the export.
+fn build_targets(
+    request: &BuildRequest,
+    project: Option<&Project>,
+    store: &Store,
+    runner: &mut dyn LifecycleRunner,
+    scratch: &Path,
+) -> Result<BuildOutcome, BuildError> {
+    let platforms = target_platforms(request);
+    let several = platforms.len() > 1;
+    crate::launcher::check_flags(&request.launchers, &platforms)
+        .map_err(|e| BuildError::Usage(e.to_string()))?;
+    let host = Platform::host();
+    let mut order: Vec<&Platform> = platforms.iter().collect();
+    if let Some(at) = order
+        .iter()
+        .position(|p| p.os == host.os && p.arch == host.arch)
+    {
+        let host_target = order.remove(at);
+        order.insert(0, host_target);
+    }
+    let mut notes = Vec::new();
+    let created = created_time(request, &mut notes);
+    let mut assembly = crate::assembly::Assembly::new("the app image", Some(scratch))
+        .map_err(|e| BuildError::Export(e.to_string()))?;
+    let mut children: Vec<(Platform, oci_spec::image::Descriptor, PlatformSummary)> = Vec::new();
+    let mut first: Option<Built> = None;
+    let mut choice: Option<StrategyChoice> = None;
+    let mut default_process = None;
+    for (index, platform) in order.into_iter().enumerate() {
+        let root = runner.builder_root(platform)?;
+        let run_image = open_run_image(request, &root, platform, store)?;
+        let target_platform = run_image.image.platform.clone();
+        let work = make_dir(scratch, &format!("target-{index}"))?;
+        let name_platform = |e: BuildError| match e {
+            BuildError::Export(message) if several => {
+                BuildError::Export(format!("{target_platform}: {message}"))
+            }
+            other => other,
+        };
+        let reuse_first = choice
+            .as_ref()
+            .is_some_and(|c| c.strategy == CrossStrategy::Reuse);
+        let reused = first.as_ref().filter(|_| reuse_first);
+        let (exported, built_on, layers_from, cache) = if let Some(built) = reused {
+            // The first build's layers name its own previous image's.
+            let mut warn = |line: String| {
+                tracing::warn!("{line}");
+                notes.push(line);
+            };
+            let previous = read_previous_image(request, &built.target, &mut warn);
+            let exported = export_target(
+                request,
+                project,
+                &mut assembly,
+                built,
+                run_image,
+                previous,
+                &created,
+                &mut notes,
+            )
+            .map_err(name_platform)?;
+            let from = format!("reused the {} build", built.target);
+            (exported, built.platform.to_string(), from, None)
+        } else {
+            let mut run_notes = Vec::new();
+            let location = cache_location(request, &target_platform, several)?;
+            let analysis = analyze(request, &target_platform, location, &work, &mut run_notes)?;
+            let cache_tars = analysis.cache_tars().map(Path::to_path_buf);
+            let inputs = PhaseInputs {
+                target: run_image.target()?,
+                restore: analysis
+                    .restore_input(cache_tars.as_ref().map(|_| PathBuf::from(CACHE_INSIDE))),
+                cache_tars,
+                notes: run_notes,
+            };
+            let mut built = runner.run(platform, &work, inputs)?;
+            built.target = target_platform.clone();
+            let mut run_notes = std::mem::take(&mut built.outcome.notes);
+            let exported = export_target(
+                request,
+                project,
+                &mut assembly,
+                &built,
+                run_image,
+                analysis.previous,
+                &created,
+                &mut run_notes,
+            )
+            .map_err(name_platform)?;
+            let cache = save_cache(
+                request,
+                analysis.cache,
+                &built.layers,
+                built.owner,
+                &target_platform,
+                &work,
+                &mut run_notes,
+            );
+            let built_on = built.platform.to_string();
+            if first.is_none() && several {
+                let chosen = choose_strategy(request, &built)?;
+                run_notes.push(format!(
+                    "cross-strategy {}: {}",
+                    chosen.strategy, chosen.why
+                ));
+                choice = Some(chosen);
+            }
+            if first.is_none() {
+                built.outcome.notes = run_notes;
+                first = Some(built);
+            } else {
+                notes.append(&mut run_notes);
+            }
+            (exported, built_on, "built".to_string(), cache)
+        };
+        default_process = default_process.or(exported.default_process.clone());
+        children.push((
+            exported.platform.clone(),
+            exported.manifest.clone(),
+            PlatformSummary {
+                platform: exported.platform.to_string(),
+                digest: exported.manifest.digest().to_string(),
+                layers_from,
+                built_on,
+                cache,
+            },
+        ));
+    }
+    let first = first.expect("at least one platform is built");
+    let mut outcome = first.outcome;
+    outcome.notes.extend(notes);
+    // The index lists the platforms in the order they were asked for.
+    children.sort_by_key(|(platform, _, _)| {
+        platforms
+            .iter()
+            .position(|p| p.os == platform.os && p.arch == platform.arch)
+    });
+    let manifests: Vec<_> = children
+        .iter()
+        .map(|(platform, manifest, _)| (platform.clone(), manifest.clone()))
+        .collect();
+    outcome.image = Some(write_outputs(
+        request,
+        &mut assembly,
+        &manifests,
+        default_process,
+    )?);
+    let mut platforms: Vec<PlatformSummary> = children
+        .into_iter()
+        .map(|(_, _, summary)| summary)
+        .collect();
+    if !several {
+        outcome.cache = platforms[0].cache.take();
+    }
+    outcome.platforms = platforms;
+    outcome.cross_strategy = choice;
+    Ok(outcome)
+}
+
+/// The sandbox runner: the lifecycle runs rooted in the build image, the host's child of the
+/// builder (buildpacks run on this machine for every target), or with `--emulate` the target's
+/// own child under qemu.
+struct Sandboxed<'a> {
+    request: &'a BuildRequest,
+    project: Option<&'a Project>,
+    store: &'a Store,
+    /// The builder (or `--build-image`).
+    source: Box<dyn ImageSource>,
+    /// The build images unpacked so far.
+    images: Vec<BuildImage>,
+    control: RunControl<'a>,
+    progress: &'a dyn ByteProgress,
+}
+
+impl Sandboxed<'_> {
+    /// The platform whose build image builds `target`.
+    fn build_platform(&self, target: &Platform) -> Platform {
+        if self.request.emulate {
+            target.clone()
+        } else {
+            Platform::host()
+        }
+    }
+
+    /// The build image for `target`, unpacked on first use: its index in `images`.
+    fn build_image(&mut self, target: &Platform) -> Result<usize, BuildError> {
+        let wanted = self.build_platform(target);
+        let same = |image: &BuildImage| {
+            image.platform.os == wanted.os && image.platform.arch == wanted.arch
+        };
+        if let Some(at) = self.images.iter().position(same) {
+            return Ok(at);
+        }
+        let what = self.source.describe();
+        let emulate = self.request.emulate;
+        let no_image = |found: String| {
+            let hint = if emulate {
+                String::new()
+            } else {
+                format!(
+                    "; lathe runs the buildpacks on this machine ({wanted}) for every target: \
+                     give a builder with a {wanted} image, or --emulate to build {target} in \
+                     the builder's own {target} image under emulation"
+                )
+            };
+            BuildError::Invalid(format!("{what} has no {wanted} image ({found}){hint}"))
+        };
+        let image = match read_build_image(self.source.as_ref(), &wanted, self.store, self.progress)
+        {
+            Ok(image) => image,
+            Err(BuildError::Image(ImageError::NoSuchPlatform { available, .. })) => {
+                return Err(no_image(format!("it has: {available}")));
+            }
+            Err(e) => return Err(e),
+        };
+        if !same(&image) {
+            return Err(no_image(format!("it is {}", image.platform)));
+        }
+        self.images.push(image);
+        Ok(self.images.len() - 1)
+    }
+}
+
+impl LifecycleRunner for Sandboxed<'_> {
+    fn builder_root(&mut self, target: &Platform) -> Result<PathBuf, BuildError> {
+        let at = self.build_image(target)?;
+        Ok(self.images[at].rootfs.clone())
+    }
+
+    fn run(
+        &mut self,
+        target: &Platform,
+        work: &Path,
+        inputs: PhaseInputs,
+    ) -> Result<Built, BuildError> {
+        let (request, project) = (self.request, self.project);
+        let at = self.build_image(target)?;
+        let build_image = &self.images[at];
+        let workspace = make_dir(work, "workspace")?;
+        let layers = make_dir(work, "layers")?;
+        let platform_dir = make_dir(work, "platform")?;
+        copy_app(request, project, &workspace)?;
+        let mut binds = vec![
+            bind(&workspace, "/workspace", false),
+            bind(&layers, "/layers", false),
+            bind(&platform_dir, "/platform", true),
+        ];
+        binds.extend(prepare_platform_dir(request, project, &platform_dir)?);
+        let (buildpack_binds, order_written) =
+            prepare_buildpacks(request, project, &layers, &build_image.platform, work)?;
+        binds.extend(buildpack_binds.iter().cloned());
+        binds.extend(request.volumes.iter().cloned());
+        if let Some(tars) = &inputs.cache_tars {
+            binds.push(bind(tars, CACHE_INSIDE, true));
+        }
+        // Root chowns the work area to the build user when its namespace has that user (a
+        // rootless container's root may have only its own id; the sandbox then runs the build
+        // as that id, which owns the work area already).
+        let caller = nix::unistd::getuid().as_raw();
+        if caller == 0 && crate::idmap::own_namespace_maps(build_image.uid, build_image.gid) {
+            for dir in [&workspace, &layers] {
+                chown_tree(dir, build_image.uid, build_image.gid)?;
+            }
+        }
+        let emulator = if build_image.platform.arch != Platform::host().arch {
+            Some(Emulator::find_for(&build_image.platform).map_err(BuildError::Invalid)?)
+        } else {
+            None
+        };
+        let lifecycle_env = lifecycle_env(build_image);
+        let spec = SandboxSpec {
+            rootfs: sandbox::RootFs::Private(build_image.rootfs.clone()),
+            binds,
+            argv: Vec::new(),
+            env: lifecycle_env.clone(),
+            cwd: "/workspace".into(),
+            uid: build_image.uid,
+            gid: build_image.gid,
+            network: request.network,
+            emulator,
+            hostname: "lathe".into(),
+            user_is_caller: caller != 0,
+            lifecycle: Some(PhaseRequest {
+                paths: Paths {
+                    order: if order_written {
+                        "/layers/order.toml".into()
+                    } else {
+                        "/cnb/order.toml".into()
+                    },
+                    ..Paths::default()
+                },
+                target: inputs.target,
+                exec_env: "production".into(),
+                lifecycle_env,
+                detect_timeout: request.detect_timeout,
+                os_release: "/etc/os-release".into(),
+                restore: inputs.restore,
+            }),
+        };
+        let mut notes = inputs.notes;
+        let root = make_dir(work, "root")?;
+        let ran =
+            run::run_on_writable_root(spec, &build_image.rootfs, &root, &self.control, &mut notes);
+        match ran {
+            Ok(0) => Ok(Built {
+                outcome: read_outcome(&layers, notes)?,
+                layers,
+                workspace,
+                owner: (build_image.uid, build_image.gid),
+                root: build_image.rootfs.clone(),
+                buildpack_binds,
+                platform: build_image.platform.clone(),
+                target: target.clone(),
+            }),
+            Ok(code) => Err(BuildError::Lifecycle {
+                message: format!("the lifecycle ended with exit code {code}"),
+                code,
+            }),
+            Err(RunError::Sandbox(e)) => Err(e.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// `--sandbox none`: lathe runs inside the builder image; the lifecycle runs in this process,
+/// on the image's own /workspace and /layers (emptied again before each further target).
+struct InContainer<'a> {
+    request: &'a BuildRequest,
+    project: Option<&'a Project>,
+    runs: usize,
+}
+
+impl LifecycleRunner for InContainer<'_> {
+    fn builder_root(&mut self, _target: &Platform) -> Result<PathBuf, BuildError> {
+        Ok(PathBuf::from("/"))
+    }
+
+    fn run(
+        &mut self,
+        target: &Platform,
+        work: &Path,
+        inputs: PhaseInputs,
+    ) -> Result<Built, BuildError> {
+        let (request, project) = (self.request, self.project);
+        let workspace = Path::new("/workspace");
+        let layers = Path::new("/layers");
+        for dir in [workspace, layers] {
+            let writable = nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok();
+            if !dir.is_dir() || !writable {
+                return Err(BuildError::Invalid(format!(
+                    "--sandbox none builds in this container's {}, which is not a writable \
+                     directory here (is lathe running inside a builder image?)",
+                    dir.display()
+                )));
+            }
+            if self.runs > 0 {
+                empty_dir(dir)?; // the previous target's build, exported already
+            } else if std::fs::read_dir(dir).map_err(io(dir))?.next().is_some() {
+                return Err(BuildError::Invalid(format!(
+                    "--sandbox none: {} is not empty; a build starts from an empty one",
+                    dir.display()
+                )));
+            }
+        }
+        self.runs += 1;
+        copy_app(request, project, workspace)?;
+        let platform_dir = make_dir(work, "platform")?;
+        let bindings = prepare_platform_dir(request, project, &platform_dir)?;
+        for bind in bindings {
+            let link = platform_dir.join(bind.target.trim_start_matches("/platform/"));
+            std::fs::remove_dir(&link).map_err(io(&link))?;
+            std::os::unix::fs::symlink(&bind.source, &link).map_err(io(&link))?;
+        }
+        // Buildpack directories join the image's own buildpacks through a directory of links.
+        let host = Platform::host();
+        let (buildpack_binds, order_written) =
+            prepare_buildpacks(request, project, layers, &host, work)?;
+        let mut paths = Paths {
+            platform: platform_dir.clone(),
+            order: if order_written {
+                layers.join("order.toml")
+            } else {
+                "/cnb/order.toml".into()
+            },
+            ..Paths::default()
+        };
+        if !buildpack_binds.is_empty() {
+            let links = make_dir(work, "buildpacks")?;
+            if let Ok(entries) = std::fs::read_dir("/cnb/buildpacks") {
+                for entry in entries.flatten() {
+                    let link = links.join(entry.file_name());
+                    std::os::unix::fs::symlink(entry.path(), &link).map_err(io(&link))?;
+                }
+            }
+            for bind in &buildpack_binds {
+                let relative = bind.target.trim_start_matches("/cnb/buildpacks/");
+                let link = links.join(relative);
+                let parent = link.parent().expect("id/version");
+                if parent.is_symlink() {
+                    return Err(BuildError::Invalid(format!(
+                        "buildpack {relative} is also in /cnb/buildpacks; give it by id instead"
+                    )));
+                }
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+                std::os::unix::fs::symlink(&bind.source, &link).map_err(io(&link))?;
+            }
+            paths.buildpacks = links;
+        }
+        let phase = PhaseRequest {
+            paths,
+            target: inputs.target,
+            exec_env: "production".into(),
+            lifecycle_env: std::env::vars().collect(),
+            detect_timeout: request.detect_timeout,
+            os_release: "/etc/os-release".into(),
+            restore: RestoreInput {
+                cache_tars: inputs.cache_tars,
+                ..inputs.restore
+            },
+        };
+        lifecycle::phase::run(&phase)?;
+        let mut notes = inputs.notes;
+        notes.insert(0, "ran in this container (--sandbox none)".to_string());
+        let env_id = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse().ok());
+        let owner = match (env_id("CNB_USER_ID"), env_id("CNB_GROUP_ID")) {
+            (Some(uid), Some(gid)) => (uid, gid),
+            _ => (
+                nix::unistd::getuid().as_raw(),
+                nix::unistd::getgid().as_raw(),
+            ),
+        };
+        Ok(Built {
+            outcome: read_outcome(layers, notes)?,
+            layers: layers.to_path_buf(),
+            workspace: workspace.to_path_buf(),
+            owner,
+            root: PathBuf::from("/"),
+            buildpack_binds,
+            platform: host,
+            target: target.clone(),
+        })
+    }
+}
+
+/// Removes everything inside `dir`.
+fn empty_dir(dir: &Path) -> Result<(), BuildError> {
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let removed = if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// `auto`'s choice after the first build: `reuse` when its launch and app layers hold no ELF
+/// program and no buildpack of the group declares per-architecture targets; `rebuild`
+/// otherwise. `rebuild` and `reuse` are taken as they are.
+fn choose_strategy(request: &BuildRequest, built: &Built) -> Result<StrategyChoice, BuildError> {
+    let chosen = |strategy, why: String| Ok(StrategyChoice { strategy, why });
+    match request.cross_strategy {
+        CrossStrategy::Rebuild => return chosen(CrossStrategy::Rebuild, "asked for".into()),
+        CrossStrategy::Reuse => return chosen(CrossStrategy::Reuse, "asked for".into()),
+        CrossStrategy::Auto => {}
+    }
+    for member in &built.outcome.group {
+        let dir = built.buildpack_dir(&member.id, &member.version);
+        let arches: Vec<String> = match descriptor::read(&dir) {
+            Ok(buildpack) => buildpack
+                .declared_targets
+                .iter()
+                .filter_map(|t| t.arch.clone())
+                .collect(),
+            Err(e) => {
+                return chosen(
+                    CrossStrategy::Rebuild,
+                    format!("buildpack {}'s targets could not be read ({e})", member.id),
+                );
+            }
+        };
+        if !arches.is_empty() {
+            return chosen(
+                CrossStrategy::Rebuild,
+                format!(
+                    "buildpack {} declares per-architecture targets ({})",
+                    member.id,
+                    arches.join(", ")
+                ),
+            );
+        }
+    }
+    let elf = |dir: &Path| {
+        crate::elfcheck::find_elf(dir)
+            .map_err(|e| BuildError::Invalid(format!("{}: {e}", dir.display())))
+    };
+    for layer in built.outcome.layers.iter().filter(|l| l.launch) {
+        let dir = built
+            .layers
+            .join(escape_id(&layer.buildpack))
+            .join(&layer.name);
+        if let Some(program) = elf(&dir)? {
+            return chosen(
+                CrossStrategy::Rebuild,
+                format!(
+                    "launch layer {}:{} holds the ELF program {}",
+                    layer.buildpack,
+                    layer.name,
+                    program.display()
+                ),
+            );
+        }
+    }
+    if let Some(program) = elf(&built.workspace)? {
+        return chosen(
+            CrossStrategy::Rebuild,
+            format!("the app holds the ELF program {}", program.display()),
+        );
+    }
+    chosen(
+        CrossStrategy::Reuse,
+        format!(
+            "the {} build's launch and app layers hold no ELF program and no buildpack declares \
+             per-architecture targets",
+            built.target
+        ),
+    )
 }
 
 /// The group, the layers and the processes, as lines for people.
@@ -426,6 +1016,19 @@ pub fn describe(outcome: &BuildOutcome) -> String {
         );
         for reference in &image.references {
             text += &format!("  {reference}\n");
+        }
+    }
+    if let Some(choice) = &outcome.cross_strategy {
+        text += &format!("Cross-strategy: {} ({})\n", choice.strategy, choice.why);
+    }
+    if outcome.platforms.len() > 1 {
+        text += "Platforms:\n";
+        for platform in &outcome.platforms {
+            let how = match platform.layers_from.as_str() {
+                "built" => format!("built on {}", platform.built_on),
+                reused => reused.to_string(),
+            };
+            text += &format!("  {} {} ({how})\n", platform.platform, platform.digest);
         }
     }
     text
@@ -796,6 +1399,7 @@ impl Analysis {
 fn analyze(
     request: &BuildRequest,
     platform: &Platform,
+    cache: Option<CacheLocation>,
     scratch: &Path,
     notes: &mut Vec<String>,
 ) -> Result<Analysis, BuildError> {
@@ -804,14 +1408,17 @@ fn analyze(
         notes.push(line);
     };
     let previous = read_previous_image(request, platform, &mut warn);
-    let cache = match (&request.cache_dir, &request.cache_image) {
-        (Some(dir), _) => Some((CacheLocation::Dir(dir.clone()), cache::read_dir(dir))),
-        (None, Some(reference)) => {
-            let read = cache::read_image(reference, platform, &scratch.join("cache-tars"))
-                .map_err(|e| BuildError::Invalid(format!("--cache-image: {e}")))?;
-            Some((CacheLocation::Image(reference.clone()), read))
+    let cache = match cache {
+        Some(CacheLocation::Dir(dir)) => {
+            let read = cache::read_dir(&dir);
+            Some((CacheLocation::Dir(dir), read))
         }
-        (None, None) => None,
+        Some(CacheLocation::Image(reference)) => {
+            let read = cache::read_image(&reference, platform, &scratch.join("cache-tars"))
+                .map_err(|e| BuildError::Invalid(format!("--cache-image: {e}")))?;
+            Some((CacheLocation::Image(reference), read))
+        }
+        None => None,
     };
     if let Some((_, read)) = &cache {
         read.warnings.iter().cloned().for_each(&mut warn);
@@ -929,104 +1536,134 @@ fn save_cache(
     }
 }
 
-/// What export takes from the build beside the request.
-struct ExportInputs<'a> {
-    layers: &'a Path,
-    workspace: &'a Path,
-    owner: (u32, u32),
-    run_image: OpenedRunImage,
-    previous: Option<PreviousImage>,
-    /// Where the builder keeps its launcher (used when it has one and no --launcher is given;
-    /// lathe's own otherwise).
-    builder_launcher: &'a Path,
-    /// Where the image's blobs are staged.
-    staging: &'a Path,
+/// The `created` time of every platform's image: SOURCE_DATE_EPOCH, else the lifecycle's
+/// normalized time. One that is not a time is ignored, as the lifecycle does, with a warning
+/// (not a -v note: the image's time is then not what the user asked for).
+fn created_time(request: &BuildRequest, notes: &mut Vec<String>) -> String {
+    let mut warnings = Vec::new();
+    let created = crate::export::created_time(request.source_date_epoch.as_deref(), &mut warnings);
+    for warning in &warnings {
+        tracing::warn!("{warning}");
+    }
+    notes.extend(warnings);
+    created
 }
 
-/// Exports the app image and writes it to `--output`, then to every `--tag`.
-fn export_and_write(
+/// Exports one platform's app image from `built` onto `run_image`, into `assembly`.
+#[allow(clippy::too_many_arguments)]
+fn export_target(
     request: &BuildRequest,
     project: Option<&Project>,
-    inputs: ExportInputs,
+    assembly: &mut crate::assembly::Assembly,
+    built: &Built,
+    run_image: OpenedRunImage,
+    previous: Option<PreviousImage>,
+    created: &str,
     notes: &mut Vec<String>,
-) -> Result<ImageSummary, BuildError> {
-    let export_error = |e: crate::export::ExportError| BuildError::Export(e.to_string());
-    let platform = inputs.run_image.image.platform.clone();
-    crate::launcher::check_flags(&request.launchers, std::slice::from_ref(&platform))
-        .map_err(|e| BuildError::Usage(e.to_string()))?;
+) -> Result<crate::export::Exported, BuildError> {
+    let platform = run_image.image.platform.clone();
+    let builder_launcher = built.builder_launcher();
     let launcher = crate::launcher::choose_launcher(
         &platform,
         crate::launcher::flag_for(&request.launchers, &platform),
-        Some(inputs.builder_launcher).filter(|path| path.is_file()),
+        Some(builder_launcher.as_path()).filter(|path| path.is_file()),
     )
     .map_err(|e| BuildError::Export(e.to_string()))?;
-    // A SOURCE_DATE_EPOCH that is not a time is ignored, as the lifecycle does, with a warning
-    // (not a -v note: the image's time is then not what the user asked for).
-    let mut time_warnings = Vec::new();
-    let created =
-        crate::export::created_time(request.source_date_epoch.as_deref(), &mut time_warnings);
-    for warning in &time_warnings {
-        tracing::warn!("{warning}");
-    }
-    notes.extend(time_warnings);
-    let run = inputs.run_image;
+    let run = run_image;
     let (run_toml_image, run_toml_mirrors) = match run.run_toml {
         Some((image, mirrors)) => (Some(image), mirrors),
         None => (None, Vec::new()),
     };
-    let exported = crate::export::export(crate::export::ExportRequest {
-        layers_dir: inputs.layers,
-        app_dir: inputs.workspace,
-        owner: crate::layer::cnb::Owner {
-            uid: inputs.owner.0.into(),
-            gid: inputs.owner.1.into(),
+    let exported = crate::export::export(
+        assembly,
+        crate::export::ExportRequest {
+            layers_dir: &built.layers,
+            app_dir: &built.workspace,
+            owner: crate::layer::cnb::Owner {
+                uid: built.owner.0.into(),
+                gid: built.owner.1.into(),
+            },
+            run_image: crate::export::RunImage {
+                source: run.source,
+                layers: run.image.layers,
+                manifest_digest: run.image.manifest.digest().to_string(),
+                config: run.image.config,
+                platform: run.image.platform,
+                name: run.name,
+                run_toml_image,
+                run_toml_mirrors,
+            },
+            previous,
+            launcher: &launcher.bytes,
+            launcher_version: crate::export::launcher_version(),
+            project_metadata: project
+                .map(Project::source_metadata)
+                .unwrap_or_else(|| serde_json::json!({})),
+            default_process: request.default_process.clone(),
+            created: created.to_string(),
+            allow_foreign_binaries: request.allow_foreign_binaries,
         },
-        run_image: crate::export::RunImage {
-            source: run.source,
-            layers: run.image.layers,
-            manifest_digest: run.image.manifest.digest().to_string(),
-            config: run.image.config,
-            platform: run.image.platform,
-            name: run.name,
-            run_toml_image,
-            run_toml_mirrors,
-        },
-        previous: inputs.previous,
-        launcher: &launcher.bytes,
-        launcher_version: crate::export::launcher_version(),
-        project_metadata: project
-            .map(Project::source_metadata)
-            .unwrap_or_else(|| serde_json::json!({})),
-        default_process: request.default_process.clone(),
-        created,
-        allow_foreign_binaries: request.allow_foreign_binaries,
-        staging_parent: Some(inputs.staging),
-    })
-    .map_err(export_error)?;
+    )
+    .map_err(|e| BuildError::Export(e.to_string()))?;
     for warning in &exported.warnings {
         tracing::warn!("{warning}");
     }
     notes.extend(exported.warnings.iter().cloned());
+    Ok(exported)
+}
+
+/// Sets the image's root (the one platform's manifest, or an index of every platform's) and
+/// writes it to `--output`, then to every `--tag`.
+fn write_outputs(
+    request: &BuildRequest,
+    assembly: &mut crate::assembly::Assembly,
+    manifests: &[(Platform, oci_spec::image::Descriptor)],
+    default_process: Option<String>,
+) -> Result<ImageSummary, BuildError> {
+    let root = assembly
+        .set_root(manifests)
+        .map_err(|e| BuildError::Export(e.to_string()))?;
     let progress = crate::progress::Progress::for_stderr(request.quiet);
     let mut references = Vec::new();
     let mut written = None;
     for destination in std::iter::once(&request.output).chain(&request.tags) {
-        let report = exported
-            .assembly
+        let report = assembly
             .write_to(destination, &progress)
             .map_err(|e| BuildError::Export(format!("writing {destination}: {e}")))?;
         written.get_or_insert(report);
         references.push(destination.to_string());
     }
     let report = written.expect("--output is always written");
+    let platforms: Vec<String> = manifests.iter().map(|(p, _)| p.to_string()).collect();
     Ok(ImageSummary {
-        digest: exported.manifest.digest().to_string(),
-        platform: exported.platform.to_string(),
+        digest: root.digest().to_string(),
+        platform: platforms.join(","),
         references,
-        default_process: exported.default_process,
+        default_process,
         blobs_written: report.blobs_copied,
         bytes_written: report.bytes_copied,
     })
+}
+
+/// Where the cache of `platform`'s build is kept: `--cache-dir` or `--cache-image`, one per
+/// platform when there are several ([`CacheLocation::for_platform`]).
+fn cache_location(
+    request: &BuildRequest,
+    platform: &Platform,
+    several: bool,
+) -> Result<Option<CacheLocation>, BuildError> {
+    let location = match (&request.cache_dir, &request.cache_image) {
+        (Some(dir), _) => CacheLocation::Dir(dir.clone()),
+        (None, Some(reference)) => CacheLocation::Image(reference.clone()),
+        (None, None) => return Ok(None),
+    };
+    if !several {
+        return Ok(Some(location));
+    }
+    location
+        .for_platform(platform)
+        .map(Some)
+        .map_err(BuildError::Usage)
 }
 
 fn copy_app(
@@ -1087,11 +1724,15 @@ fn prepare_platform_dir(
 
 /// Binds `--buildpack` directories into /cnb/buildpacks and, when the buildpacks are given
 /// (on the command line or in project.toml), writes `<layers>/order.toml` with one group of
-/// them; returns the binds and whether it wrote the order.
+/// them; returns the binds and whether it wrote the order. A multi-target buildpack's folder
+/// for `platform` (the one the buildpacks run on, `<dir>/<os>/<arch>`, as pack lays them out)
+/// is copied into `work` with its buildpack.toml and bound instead of the whole directory.
 fn prepare_buildpacks(
     request: &BuildRequest,
     project: Option<&Project>,
     layers: &Path,
+    platform: &Platform,
+    work: &Path,
 ) -> Result<(Vec<Bind>, bool), BuildError> {
     let mut args = request.buildpacks.clone();
     if args.is_empty()
@@ -1132,8 +1773,28 @@ fn prepare_buildpacks(
         match arg {
             BuildpackArg::Dir(dir) => {
                 let buildpack = descriptor::read(&dir)?;
+                let folder = crate::distribution::platform_folder(&dir, platform);
+                let source = if folder == dir {
+                    dir
+                } else {
+                    let copy = work
+                        .join("buildpacks")
+                        .join(escape_id(&buildpack.id))
+                        .join(&buildpack.version);
+                    std::fs::create_dir_all(&copy).map_err(io(&copy))?;
+                    let copied = project::copy_app(&folder, &copy, None).map(|_| ());
+                    copied
+                        .map_err(|e| BuildError::Invalid(format!("{}: {e}", folder.display())))?;
+                    let descriptor = copy.join("buildpack.toml");
+                    if !descriptor.exists() {
+                        std::fs::copy(dir.join("buildpack.toml"), &descriptor)
+                            .map_err(io(&descriptor))?;
+                    }
+                    make_readable(&copy)?;
+                    copy
+                };
                 binds.push(bind(
-                    &dir,
+                    &source,
                     &format!(
                         "/cnb/buildpacks/{}/{}",
                         escape_id(&buildpack.id),
@@ -1205,141 +1866,11 @@ fn read_outcome(layers: &Path, notes: Vec<String>) -> Result<BuildOutcome, Build
         layers: summaries,
         metadata: serde_json::to_value(metadata).unwrap_or_default(),
         image: None,
+        platforms: Vec::new(),
+        cross_strategy: None,
         cache: None,
         notes,
     })
-}
-
-/// `--sandbox none`: lathe runs inside the builder image; the lifecycle runs in this process,
-/// on the image's own /workspace and /layers.
-fn build_in_this_container(
-    request: &BuildRequest,
-    project: Option<&Project>,
-) -> Result<BuildOutcome, BuildError> {
-    if !request.volumes.is_empty() || request.network == Network::None {
-        return Err(BuildError::Usage(
-            "--volume and --network none need a sandbox; with --sandbox none the buildpacks \
-             run as plain processes of this container"
-                .into(),
-        ));
-    }
-    let workspace = Path::new("/workspace");
-    let layers = Path::new("/layers");
-    for dir in [workspace, layers] {
-        let writable = nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok();
-        if !dir.is_dir() || !writable {
-            return Err(BuildError::Invalid(format!(
-                "--sandbox none builds in this container's {}, which is not a writable \
-                 directory here (is lathe running inside a builder image?)",
-                dir.display()
-            )));
-        }
-        let empty = std::fs::read_dir(dir).map_err(io(dir))?.next().is_none();
-        if !empty {
-            return Err(BuildError::Invalid(format!(
-                "--sandbox none: {} is not empty; a build starts from an empty one",
-                dir.display()
-            )));
-        }
-    }
-    copy_app(request, project, workspace)?;
-    let scratch = tempfile::tempdir().map_err(|e| BuildError::Invalid(format!("tmp: {e}")))?;
-    let platform_dir = make_dir(scratch.path(), "platform")?;
-    let bindings = prepare_platform_dir(request, project, &platform_dir)?;
-    for bind in bindings {
-        let link = platform_dir.join(bind.target.trim_start_matches("/platform/"));
-        std::fs::remove_dir(&link).map_err(io(&link))?;
-        std::os::unix::fs::symlink(&bind.source, &link).map_err(io(&link))?;
-    }
-    // Buildpack directories join the image's own buildpacks through a directory of links.
-    let (buildpack_binds, order_written) = prepare_buildpacks(request, project, layers)?;
-    let mut paths = Paths {
-        platform: platform_dir.clone(),
-        order: if order_written {
-            layers.join("order.toml")
-        } else {
-            "/cnb/order.toml".into()
-        },
-        ..Paths::default()
-    };
-    if !buildpack_binds.is_empty() {
-        let links = make_dir(scratch.path(), "buildpacks")?;
-        if let Ok(entries) = std::fs::read_dir("/cnb/buildpacks") {
-            for entry in entries.flatten() {
-                let link = links.join(entry.file_name());
-                std::os::unix::fs::symlink(entry.path(), &link).map_err(io(&link))?;
-            }
-        }
-        for bind in &buildpack_binds {
-            let relative = bind.target.trim_start_matches("/cnb/buildpacks/");
-            let link = links.join(relative);
-            let parent = link.parent().expect("id/version");
-            if parent.is_symlink() {
-                return Err(BuildError::Invalid(format!(
-                    "buildpack {relative} is also in /cnb/buildpacks; give it by id instead"
-                )));
-            }
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
-            std::os::unix::fs::symlink(&bind.source, &link).map_err(io(&link))?;
-        }
-        paths.buildpacks = links;
-    }
-    let wanted = request.platform.clone().unwrap_or_else(Platform::host);
-    let store = Store::open(&request.store)?;
-    let run_image = open_run_image(request, Path::new("/"), &wanted, &store)?;
-    let target = run_image.target()?;
-    let mut notes = vec!["ran in this container (--sandbox none)".to_string()];
-    let analysis = analyze(
-        request,
-        &run_image.image.platform,
-        scratch.path(),
-        &mut notes,
-    )?;
-    let phase = PhaseRequest {
-        paths,
-        target,
-        exec_env: "production".into(),
-        lifecycle_env: std::env::vars().collect(),
-        detect_timeout: request.detect_timeout,
-        os_release: "/etc/os-release".into(),
-        restore: analysis.restore_input(analysis.cache_tars().map(Path::to_path_buf)),
-    };
-    lifecycle::phase::run(&phase)?;
-    let mut outcome = read_outcome(layers, notes)?;
-    let env_id = |name: &str| std::env::var(name).ok().and_then(|v| v.trim().parse().ok());
-    let owner = match (env_id("CNB_USER_ID"), env_id("CNB_GROUP_ID")) {
-        (Some(uid), Some(gid)) => (uid, gid),
-        _ => (
-            nix::unistd::getuid().as_raw(),
-            nix::unistd::getgid().as_raw(),
-        ),
-    };
-    let platform = run_image.image.platform.clone();
-    let written = export_and_write(
-        request,
-        project,
-        ExportInputs {
-            layers,
-            workspace,
-            owner,
-            run_image,
-            previous: analysis.previous,
-            builder_launcher: Path::new("/cnb/lifecycle/launcher"),
-            staging: scratch.path(),
-        },
-        &mut outcome.notes,
-    )?;
-    outcome.image = Some(written);
-    outcome.cache = save_cache(
-        request,
-        analysis.cache,
-        layers,
-        owner,
-        &platform,
-        scratch.path(),
-        &mut outcome.notes,
-    );
-    Ok(outcome)
 }
 
 fn bind(source: &Path, target: &str, read_only: bool) -> Bind {

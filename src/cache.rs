@@ -101,6 +101,38 @@ impl std::fmt::Display for CacheLocation {
     }
 }
 
+impl CacheLocation {
+    /// The cache of one platform of a multi-platform build, which keeps one cache per
+    /// platform: `DIR/<os>-<arch>[-<variant>]`, or the cache image's tag (a layout's ref name)
+    /// with `-<os>-<arch>[-<variant>]` appended. An archive holds one image, so it can't.
+    pub fn for_platform(&self, platform: &Platform) -> Result<CacheLocation, String> {
+        let suffix = platform.ref_suffix();
+        let suffixed = |name: &Option<String>| {
+            let name = name.as_deref().unwrap_or(crate::reference::DEFAULT_TAG);
+            Some(format!("{name}-{suffix}"))
+        };
+        Ok(match self {
+            CacheLocation::Dir(dir) => CacheLocation::Dir(dir.join(&suffix)),
+            CacheLocation::Image(ImageRef::Registry(registry)) if registry.digest.is_none() => {
+                let mut registry = registry.clone();
+                registry.tag = suffixed(&registry.tag);
+                CacheLocation::Image(ImageRef::Registry(registry))
+            }
+            CacheLocation::Image(ImageRef::Layout { dir, name }) => {
+                CacheLocation::Image(ImageRef::Layout {
+                    dir: dir.clone(),
+                    name: suffixed(name),
+                })
+            }
+            CacheLocation::Image(other) => {
+                return Err(format!(
+                    "--cache-image {other}: a build for several platforms keeps one cache image                      per platform, as tags of a registry repository or ref names of an OCI                      layout (docker://REPO:TAG or oci:DIR:NAME, no digest)"
+                ));
+            }
+        })
+    }
+}
+
 /// A cache as the build found it.
 pub struct CacheRead {
     pub metadata: CacheMetadata,

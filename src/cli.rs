@@ -311,9 +311,20 @@ pub struct BuildArgs {
     /// (replaces the builder's order with one group)
     #[arg(long, value_name = "DIR|ID[@VERSION]", value_parser = crate::build::BuildpackArg::parse)]
     pub buildpack: Vec<crate::build::BuildpackArg>,
-    /// The platform to build for (default: the host's); foreign ones are emulated
-    #[arg(long, value_name = "PLATFORM", value_parser = parse_platform)]
-    pub platform: Option<Platform>,
+    /// The platforms to build for (os/arch[/variant]; repeatable or comma-separated)
+    /// [default: the host's]. Several make one image index; the buildpacks run on this machine
+    /// for every target and see the target in CNB_TARGET_*
+    #[arg(long, value_name = "PLATFORM", value_delimiter = ',', value_parser = parse_platform)]
+    pub platform: Vec<Platform>,
+    /// How platforms after the first get their layers: run the buildpacks again (rebuild),
+    /// put the first build's layers onto each run image (reuse), or reuse when the first build
+    /// made no ELF program and no buildpack declares per-architecture targets (auto)
+    #[arg(long, value_enum, default_value = "auto")]
+    pub cross_strategy: crate::build::CrossStrategy,
+    /// Build a target of another machine in the builder's own image for it, under emulation
+    /// (qemu in the sandbox's binfmt_misc), instead of running the buildpacks on this machine
+    #[arg(long)]
+    pub emulate: bool,
     /// A build-time environment variable for the buildpacks (repeatable; K alone takes
     /// lathe's own value)
     #[arg(long, value_name = "K=V")]
@@ -825,7 +836,9 @@ fn build_command(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
         build_image: args.build_image.clone(),
         run_image: args.run_image.clone(),
         buildpacks: args.buildpack.clone(),
-        platform: args.platform.clone(),
+        platforms: args.platform.clone(),
+        cross_strategy: args.cross_strategy,
+        emulate: args.emulate,
         env: build_env(&args)?,
         volumes: args.volume.clone(),
         bindings: args.binding.clone(),

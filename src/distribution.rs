@@ -845,7 +845,7 @@ fn check_version(id: &str, version: &str) -> Result<(), String> {
 
 /// pack's platform root folder: `<dir>/<os>`, then `<arch>`, then `<variant>` below it, as far
 /// as those directories exist; `dir` itself when there is none.
-fn platform_folder(dir: &Path, platform: &Platform) -> PathBuf {
+pub(crate) fn platform_folder(dir: &Path, platform: &Platform) -> PathBuf {
     let mut folder = dir.to_path_buf();
     let variant = platform.oci_variant();
     for part in [Some(&platform.os), Some(&platform.arch), variant.as_ref()]

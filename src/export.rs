@@ -105,13 +105,11 @@ pub struct ExportRequest<'a> {
     /// Let programs for another machine than the run image's into launch and app layers
     /// (each is then a warning instead of an error).
     pub allow_foreign_binaries: bool,
-    /// Where the staged blobs go (the system's temporary directory when `None`).
-    pub staging_parent: Option<&'a Path>,
 }
 
-/// The assembled app image, ready to be written to a destination.
+/// The app image for one platform, staged in an [`Assembly`] (which may hold the images of
+/// other platforms too: a layer they share is staged once).
 pub struct Exported {
-    pub assembly: Assembly,
     pub manifest: Descriptor,
     pub platform: Platform,
     /// Every layer added on top of the run image, in order, as (what, diffID).
@@ -262,8 +260,9 @@ pub struct BuildLabelProcess {
 
 // ------------------------------------------------------------------------------ export
 
-/// Assembles the app image of the build in `request.layers_dir` on the run image.
-pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
+/// Assembles the app image of the build in `request.layers_dir` on the run image, into
+/// `assembly` (the caller sets its root: this image, or an index of it and others).
+pub fn export(assembly: &mut Assembly, request: ExportRequest) -> Result<Exported, ExportError> {
     let layers_dir = request.layers_dir;
     let group_path = layers_dir.join("group.toml");
     let group: GroupFile = read_toml(&group_path)?;
@@ -274,7 +273,6 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
 
     let run = request.run_image;
     let run_what = run.source.describe();
-    let mut assembly = Assembly::new("the app image", request.staging_parent)?;
     let run_input = assembly.add_input(run.source);
     let mut layers: Vec<Descriptor> = run.layers;
     for layer in &layers {
@@ -568,9 +566,7 @@ pub fn export(request: ExportRequest) -> Result<Exported, ExportError> {
         },
     );
     let manifest = assembly.write_image(&config, &layers)?;
-    assembly.set_root(&[(run.platform.clone(), manifest.clone())])?;
     Ok(Exported {
-        assembly,
         manifest,
         platform: run.platform,
         added,

@@ -49,6 +49,12 @@ pub enum ImageError {
     },
     #[error("{what}: {why}")]
     Invalid { what: String, why: String },
+    #[error("{what}: the index has no {wanted} image (it has: {available})")]
+    NoSuchPlatform {
+        what: String,
+        wanted: String,
+        available: String,
+    },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -510,14 +516,13 @@ pub fn resolve_selection(
             }
             let mut picked = Vec::new();
             for p in &wanted {
-                let found =
-                    children
-                        .iter()
-                        .find(|(cp, _)| cp == p)
-                        .ok_or_else(|| ImageError::Invalid {
-                            what: what.clone(),
-                            why: format!("the index has no {p} image (it has: {})", available()),
-                        })?;
+                let found = children.iter().find(|(cp, _)| cp == p).ok_or_else(|| {
+                    ImageError::NoSuchPlatform {
+                        what: what.clone(),
+                        wanted: p.to_string(),
+                        available: available(),
+                    }
+                })?;
                 picked.push(found.clone());
             }
             if let [(_, desc)] = picked.as_slice() {
