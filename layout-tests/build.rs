@@ -615,7 +615,7 @@ fn a_cache_layer_is_reused_by_the_next_build() {
 }
 
 #[test]
-fn an_arm64_build_runs_its_buildpacks_under_emulation() {
+fn an_arm64_build_runs_its_buildpacks_on_the_host_or_under_emulation() {
     let world = World::new();
     let bp = world.buildpack(
         "arch",
@@ -623,17 +623,29 @@ fn an_arm64_build_runs_its_buildpacks_under_emulation() {
         "exit 0",
         "echo \"machine=$(uname -m) target=$CNB_TARGET_ARCH distro=$CNB_TARGET_DISTRO_NAME\"",
     );
-    for (platform, expected) in [
-        ("linux/arm64", "machine=aarch64 target=arm64 distro=debian"),
-        ("linux/amd64", "machine=x86_64 target=amd64 distro=debian"),
+    for (args, expected) in [
+        (
+            &["--platform", "linux/arm64", "--emulate"][..],
+            "machine=aarch64 target=arm64 distro=debian",
+        ),
+        (
+            &["--platform", "linux/arm64"][..],
+            "machine=x86_64 target=arm64 distro=debian",
+        ),
+        (
+            &["--platform", "linux/amd64"][..],
+            "machine=x86_64 target=amd64 distro=debian",
+        ),
     ] {
-        let out = world.build(
-            Who::Unprivileged,
-            "site",
-            &["--buildpack", &bp, "--platform", platform],
-        );
+        let mut all = vec!["--buildpack", &bp];
+        all.extend(args);
+        let out = world.build(Who::Unprivileged, "site", &all);
         outcome(&out);
-        assert!(stderr(&out).contains(expected), "{}", report(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            report(&out)
+        );
     }
 }
 

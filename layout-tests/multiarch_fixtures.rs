@@ -6,9 +6,12 @@
 //! - For linux/amd64 (the host) each builds and runs; the arch-neutral layer holds no ELF
 //!   program, the prebuilt busybox is amd64, and the wrong binary is amd64: flagged, by its
 //!   path in the layer, when checked for linux/arm64.
-//! - For linux/arm64 (the build image emulated, as builds for another machine run today)
+//! - For linux/arm64 (the buildpacks run on the host, with CNB_TARGET_* naming arm64)
 //!   prebuilt-busybox installs the aarch64 busybox of CNB_TARGET_ARCH and the image prints
-//!   aarch64; the arch-neutral layer is the same blob as the amd64 build's.
+//!   aarch64; the arch-neutral layer is the same blob as the amd64 build's. With `--emulate`
+//!   the buildpacks run in the emulated arm64 build image instead.
+//!
+//! layout-tests/multiarch.rs builds them for both platforms into one index.
 
 mod common;
 
@@ -25,33 +28,29 @@ use serde_json::Value;
 const APP: &str = "apps/multiarch-app";
 
 impl World {
-    /// Copies the busybox-static .debs into this world's prebuilt-busybox/vendor.
-    fn vendor_busybox(&self) {
-        tool(
-            "bash",
-            &[
-                &self.arg("buildpacks/prebuilt-busybox/vendor.sh"),
-                repo_root().join("testdata/debs").to_str().unwrap(),
-            ],
-        );
-        tool("chmod", &["-R", "a+rX", &self.arg("buildpacks")]);
-    }
-
     /// `lathe build` of the multiarch app with one buildpack for `platform`, as an
     /// unprivileged user, into `oci:OUT:REF`.
     fn build(&self, buildpack: &str, platform: &str, reference: &str) -> Output {
+        self.build_with(buildpack, reference, &[&format!("--platform={platform}")])
+    }
+
+    fn build_with(&self, buildpack: &str, reference: &str, extra: &[&str]) -> Output {
         self.build_app(
             Who::Unprivileged,
             &self.path(APP),
             buildpack,
             &format!("oci:{}:{reference}", self.path("out").display()),
-            &[&format!("--platform={platform}")],
+            extra,
         )
     }
 
     /// Builds and requires success; returns the build's `--json` result and its stderr.
     fn built(&self, buildpack: &str, platform: &str, reference: &str) -> (Value, String) {
-        let out = self.build(buildpack, platform, reference);
+        self.built_with(buildpack, reference, &[&format!("--platform={platform}")])
+    }
+
+    fn built_with(&self, buildpack: &str, reference: &str, extra: &[&str]) -> (Value, String) {
+        let out = self.build_with(buildpack, reference, extra);
         assert_eq!(out.status.code(), Some(0), "{}", report(&out));
         let result =
             serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", report(&out)));
@@ -210,7 +209,7 @@ fn the_arch_neutral_buildpack_writes_no_elf_and_the_same_layer_for_both_platform
         "hello from a layer made of scripts (x86_64)\n"
     );
 
-    // Built for arm64 (emulated today) its layer is the same bytes: one blob for both.
+    // Built for arm64 its layer is the same bytes: one blob for both.
     let (_, err) = world.built("arch-neutral", "linux/arm64", "neutral-arm64");
     assert!(
         err.contains("Arch-neutral greeter (target linux/arm64)"),
@@ -336,14 +335,18 @@ fn the_wrong_binary_is_flagged_for_arm64_by_its_path_in_the_layer() {
     assert_eq!(world.run("wrong"), "x86_64\n");
 }
 
-/// Today a linux/arm64 build runs its buildpacks in the emulated arm64 build image, so the
-/// "machine bin/build runs on" is the target and wrong-binary's copy happens to be right: the
-/// bug shows only once buildpacks run on the host for every target (issue 9).
+/// With `--emulate` a linux/arm64 build runs its buildpacks in the emulated arm64 build image,
+/// so the "machine bin/build runs on" is the target and wrong-binary's copy happens to be
+/// right; without it the buildpacks run on the host and the copy is caught (multiarch.rs).
 #[test]
 fn under_emulation_the_wrong_binary_copies_the_emulated_machines_busybox() {
     host_is_amd64();
     let world = World::new();
-    let (_, err) = world.built("wrong-binary", "linux/arm64", "wrong-arm64");
+    let (_, err) = world.built_with(
+        "wrong-binary",
+        "wrong-arm64",
+        &["--platform=linux/arm64", "--emulate"],
+    );
     assert!(
         err.contains("copying this machine's aarch64 busybox"),
         "{err}"

@@ -234,11 +234,21 @@ fn write_index(dir: &Path, name: &str, children: &[(&str, &str)]) -> String {
 
 /// `lathe run IMAGE` as an unprivileged user.
 fn run_as_unprivileged(image: &str) -> Output {
+    run_unprivileged(&[image])
+}
+
+fn run_platform_as_unprivileged(image: &str, platform: &str) -> Output {
+    run_unprivileged(&["--platform", platform, image])
+}
+
+/// `lathe run --quiet ARGS` as an unprivileged user, with a store of its own.
+fn run_unprivileged(args: &[&str]) -> Output {
     let world = world_readable_lathe_and_fixtures();
     let store = scratch();
     tool("chmod", &["777", store.path().to_str().unwrap()]);
     command_as(Who::Unprivileged, &world.join("lathe"))
-        .args(["run", image, "--quiet"])
+        .args(["run", "--quiet"])
+        .args(args)
         .arg(format!("--store={}", store.path().display()))
         .output()
         .expect("run lathe run")
@@ -1054,4 +1064,84 @@ fn archives_are_rebased_in_place() {
         report(&out)
     );
     assert_eq!(sha256_hex(&fs::read(&two_tar).unwrap()), before);
+}
+
+/// An index made by one two-platform build, rebased on the registry: each child onto its
+/// platform of the new run image index, with no layer blob moving either way; both run.
+#[test]
+fn a_two_platform_build_is_rebased_on_the_registry_moving_no_layer() {
+    let world = World::new();
+    let registry = TestRegistry::start(RegistryConfig::default());
+    let proxy = FaultProxy::start(registry.port, |_| None);
+    let host = proxy.host();
+    let run = format!("docker://{host}/lathe/run:1");
+    let app = format!("docker://{host}/lathe/app:1");
+    lathe_ok(&["copy", "--quiet", &fixture_run(), &run]);
+    built_digest(&world.build(
+        "deps-app",
+        "cached-deps",
+        &run,
+        &app,
+        &["--platform=linux/amd64,linux/arm64"],
+    ));
+    let (before_digest, before) = manifest_of(&app);
+    assert_eq!(before["manifests"].as_array().unwrap().len(), 2);
+    new_run_image(&run, &["linux/amd64", "linux/arm64"], &[]);
+    let (_, new_run) = manifest_of(&run);
+
+    proxy.clear();
+    let outcome = rebase_ok(&[&app]);
+    let seen = proxy.seen();
+    let (after_digest, after) = manifest_of(&app);
+    assert_eq!(outcome["digest"], after_digest.as_str());
+    assert_ne!(after_digest, before_digest);
+    let repository = format!("docker://{host}/lathe/app");
+    let mut layers = BTreeSet::new();
+    let mut configs = BTreeSet::new();
+    for (i, arch) in ["amd64", "arm64"].iter().enumerate() {
+        let child = &after["manifests"][i];
+        assert_eq!(child["platform"]["architecture"], *arch);
+        let digest = child["digest"].as_str().unwrap();
+        let (_, manifest) = manifest_of(&format!("{repository}@{digest}"));
+        configs.insert(manifest["config"]["digest"].as_str().unwrap().to_string());
+        for layer in manifest["layers"].as_array().unwrap() {
+            layers.insert(layer["digest"].as_str().unwrap().to_string());
+        }
+        // On its own platform's new run image.
+        let config = config_of(&format!("{repository}@{digest}"));
+        assert_eq!(config["architecture"], *arch);
+        let base_digest = new_run["manifests"][i]["digest"].as_str().unwrap();
+        assert_eq!(new_run["manifests"][i]["platform"]["architecture"], *arch);
+        let base = config_of(&format!("docker://{host}/lathe/run@{base_digest}"));
+        let base_ids = diff_ids(&base);
+        assert_eq!(diff_ids(&config)[..base_ids.len()], base_ids[..]);
+    }
+    let uploaded: BTreeSet<String> = seen
+        .iter()
+        .filter(|s| s.method == "PUT" && s.is_blob_upload())
+        .filter_map(named_digest)
+        .collect();
+    assert_eq!(
+        uploaded, configs,
+        "only the new configs are sent: {seen:#?}"
+    );
+    let layer_gets: Vec<String> = seen
+        .iter()
+        .filter(|s| s.method == "GET" && s.path().contains("/blobs/"))
+        .filter_map(named_digest)
+        .filter(|d| layers.contains(d))
+        .collect();
+    assert!(layer_gets.is_empty(), "layers were read: {layer_gets:?}");
+    assert!(!seen.iter().any(|s| s.method == "PATCH"), "{seen:#?}");
+
+    // Both children run, pulled from the registry by an unprivileged user.
+    for platform in ["linux/amd64", "linux/arm64"] {
+        let out = run_platform_as_unprivileged(&app, platform);
+        assert_eq!(out.status.code(), Some(0), "{platform}: {}", report(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "is-even\nleft-pad\n",
+            "{platform}"
+        );
+    }
 }

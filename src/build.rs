@@ -263,12 +263,21 @@ pub fn build(
     check_arguments(request)?;
     let project = read_project(request)?;
     let mode = choose_sandbox(request)?;
-    if mode == SandboxMode::None && request.emulate {
-        return Err(BuildError::Usage(
-            "--emulate runs a target's build in the builder's image for it, in the sandbox; \
-             with --sandbox none the buildpacks run in this container"
-                .into(),
-        ));
+    if mode == SandboxMode::None {
+        if request.emulate {
+            return Err(BuildError::Usage(
+                "--emulate runs a target's build in the builder's image for it, in the \
+                 sandbox; with --sandbox none the buildpacks run in this container"
+                    .into(),
+            ));
+        }
+        if !request.volumes.is_empty() || request.network == Network::None {
+            return Err(BuildError::Usage(
+                "--volume and --network none need a sandbox; with --sandbox none the \
+                 buildpacks run as plain processes of this container"
+                    .into(),
+            ));
+        }
     }
     let store = Store::open(&request.store)?;
     let scratch = store.scratch()?;
@@ -491,7 +500,7 @@ fn build_targets(
             (exported, built.platform.to_string(), from, None)
         } else {
             let mut run_notes = Vec::new();
-            let location = cache_location(request, &target_platform, several)?;
+            let location = cache_location(request, platform, several)?;
             let analysis = analyze(request, &target_platform, location, &work, &mut run_notes)?;
             let cache_tars = analysis.cache_tars().map(Path::to_path_buf);
             let inputs = PhaseInputs {
@@ -631,18 +640,21 @@ impl Sandboxed<'_> {
                      the builder's own {target} image under emulation"
                 )
             };
-            BuildError::Invalid(format!("{what} has no {wanted} image ({found}){hint}"))
+            BuildError::Invalid(format!("{found}{hint}"))
         };
         let image = match read_build_image(self.source.as_ref(), &wanted, self.store, self.progress)
         {
             Ok(image) => image,
-            Err(BuildError::Image(ImageError::NoSuchPlatform { available, .. })) => {
-                return Err(no_image(format!("it has: {available}")));
+            Err(BuildError::Image(e @ ImageError::PlatformMissing { .. })) => {
+                return Err(no_image(e.to_string()));
             }
             Err(e) => return Err(e),
         };
         if !same(&image) {
-            return Err(no_image(format!("it is {}", image.platform)));
+            return Err(no_image(format!(
+                "{what} is {}, not {wanted}",
+                image.platform
+            )));
         }
         self.images.push(image);
         Ok(self.images.len() - 1)
@@ -1562,11 +1574,14 @@ fn export_target(
     notes: &mut Vec<String>,
 ) -> Result<crate::export::Exported, BuildError> {
     let platform = run_image.image.platform.clone();
+    // The build image's launcher is for the machine the buildpacks ran on: a target of
+    // another machine gets lathe's own launcher for it (or --launcher's).
     let builder_launcher = built.builder_launcher();
+    let same_machine = built.platform.os == platform.os && built.platform.arch == platform.arch;
     let launcher = crate::launcher::choose_launcher(
         &platform,
         crate::launcher::flag_for(&request.launchers, &platform),
-        Some(builder_launcher.as_path()).filter(|path| path.is_file()),
+        Some(builder_launcher.as_path()).filter(|path| same_machine && path.is_file()),
     )
     .map_err(|e| BuildError::Export(e.to_string()))?;
     let run = run_image;

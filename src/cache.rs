@@ -126,7 +126,9 @@ impl CacheLocation {
             }
             CacheLocation::Image(other) => {
                 return Err(format!(
-                    "--cache-image {other}: a build for several platforms keeps one cache image                      per platform, as tags of a registry repository or ref names of an OCI                      layout (docker://REPO:TAG or oci:DIR:NAME, no digest)"
+                    "--cache-image {other}: a build for several platforms keeps one cache image \
+                     per platform, as tags of a registry repository or ref names of an OCI \
+                     layout (docker://REPO:TAG or oci:DIR:NAME, no digest)"
                 ));
             }
         })

@@ -49,12 +49,9 @@ pub enum ImageError {
     },
     #[error("{what}: {why}")]
     Invalid { what: String, why: String },
-    #[error("{what}: the index has no {wanted} image (it has: {available})")]
-    NoSuchPlatform {
-        what: String,
-        wanted: String,
-        available: String,
-    },
+    /// The image (or index) has no image for the platform asked for.
+    #[error("{what}: {why}")]
+    PlatformMissing { what: String, why: String },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -517,10 +514,9 @@ pub fn resolve_selection(
             let mut picked = Vec::new();
             for p in &wanted {
                 let found = children.iter().find(|(cp, _)| cp == p).ok_or_else(|| {
-                    ImageError::NoSuchPlatform {
+                    ImageError::PlatformMissing {
                         what: what.clone(),
-                        wanted: p.to_string(),
-                        available: available(),
+                        why: format!("the index has no {p} image (it has: {})", available()),
                     }
                 })?;
                 picked.push(found.clone());
@@ -570,7 +566,7 @@ pub fn resolve_selection(
                 match config_platform(&config) {
                     Some(p) if &p == want => {}
                     Some(p) => {
-                        return Err(ImageError::Invalid {
+                        return Err(ImageError::PlatformMissing {
                             what,
                             why: format!("the image is {p}, not {want}"),
                         });

@@ -321,8 +321,20 @@ impl World {
         dir.to_string_lossy().into_owned()
     }
 
+    /// Copies the busybox-static .debs into this world's prebuilt-busybox/vendor.
+    pub fn vendor_busybox(&self) {
+        tool(
+            "bash",
+            &[
+                &self.arg("buildpacks/prebuilt-busybox/vendor.sh"),
+                repo_root().join("testdata/debs").to_str().unwrap(),
+            ],
+        );
+        tool("chmod", &["-R", "a+rX", &self.arg("buildpacks")]);
+    }
+
     /// `lathe build APP --buildpack buildpacks/BUILDPACK --output OUTPUT --json` as `who`, on
-    /// the fixture build image and (unless `extra` names one) the fixture run image.
+    /// the fixture build and run images (unless `extra` names others).
     pub fn build_app(
         &self,
         who: Who,
@@ -334,10 +346,10 @@ impl World {
         let world = world_readable_lathe_and_fixtures();
         let images = world.join("images");
         let mut command = command_as(who, &world.join("lathe"));
-        command
-            .arg("build")
-            .arg(app)
-            .arg(format!("--build-image=oci:{}:build", images.display()));
+        command.arg("build").arg(app);
+        if !extra.iter().any(|a| a.starts_with("--build-image")) {
+            command.arg(format!("--build-image=oci:{}:build", images.display()));
+        }
         if !extra.iter().any(|a| a.starts_with("--run-image")) {
             command.arg(format!("--run-image=oci:{}:run", images.display()));
         }
