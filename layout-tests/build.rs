@@ -440,7 +440,7 @@ fn bad_arguments_exit_3_before_anything_runs() {
 
 /// lathe inside the build image (the CI job's image is the builder): `lathe run` the build
 /// image with lathe, the host's C library, the buildpacks, the app and the run image bound
-/// in, and `lathe build --sandbox none` there.
+/// in, and `lathe build --sandbox none` there, for two platforms, each built in turn.
 #[test]
 fn sandbox_none_builds_inside_the_build_image() {
     let world = World::new();
@@ -482,6 +482,8 @@ fn sandbox_none_builds_inside_the_build_image() {
             "--output",
             "oci:/tmp/out:app",
             "--json",
+            "--platform=linux/amd64,linux/arm64",
+            "--cross-strategy=rebuild",
         ]
         .map(String::from),
     );
@@ -496,10 +498,27 @@ fn sandbox_none_builds_inside_the_build_image() {
         result["metadata"]["processes"][0]["command"][6],
         "/layers/lathe-test_static-site/site/htdocs"
     );
-    assert!(
-        stderr(&out).contains("copied 2 files from public"),
+    // Both platforms were built in this container, one after the other.
+    assert_eq!(
+        stderr(&out).matches("copied 2 files from public").count(),
+        2,
         "{}",
         report(&out)
+    );
+    let platforms: Vec<(&str, &str)> = result["platforms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["platform"].as_str().unwrap(),
+                p["layers_from"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        platforms,
+        [("linux/amd64", "built"), ("linux/arm64", "built")]
     );
 }
 
