@@ -431,3 +431,57 @@ fn each_platform_keeps_its_own_cache() {
         report(&out)
     );
 }
+
+/// A `--buildpack DIR` laid out per target (`DIR/linux/amd64`, `DIR/linux/arm64`, as pack
+/// packages multi-target buildpacks): the folder of the machine the buildpacks run on is the
+/// one that runs, for every target; with `--emulate` the target's own.
+#[test]
+fn a_multi_target_buildpack_runs_from_the_folder_of_the_machine_it_runs_on() {
+    let world = World::new();
+    let dir = world.path("buildpacks/per-target");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("buildpack.toml"),
+        "api = \"0.10\"\n[buildpack]\nid = \"lathe-test/per-target\"\nversion = \"1.0.0\"\n\
+         [[targets]]\nos = \"linux\"\narch = \"amd64\"\n[[targets]]\nos = \"linux\"\narch = \"arm64\"\n",
+    )
+    .unwrap();
+    for arch in ["amd64", "arm64"] {
+        let bin = dir.join("linux").join(arch).join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("detect"), "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::write(
+            bin.join("build"),
+            format!(
+                "#!/bin/sh\necho \"folder {arch} on $(uname -m) for $CNB_TARGET_ARCH\"\n\
+                 test -f \"$CNB_BUILDPACK_DIR/buildpack.toml\" || exit 9\n"
+            ),
+        )
+        .unwrap();
+        for program in ["detect", "build"] {
+            tool("chmod", &["755", bin.join(program).to_str().unwrap()]);
+        }
+    }
+    tool("chmod", &["-R", "a+rX", dir.to_str().unwrap()]);
+    let out = world.build_both("per-target", &world.oci("app"), &[]);
+    let built = result(&out);
+    assert_eq!(built["cross_strategy"]["strategy"], "rebuild");
+    let err = stderr(&out);
+    for line in [
+        "folder amd64 on x86_64 for amd64",
+        "folder amd64 on x86_64 for arm64",
+    ] {
+        assert!(err.contains(line), "{line}: {err}");
+    }
+    let out = world.build_both("per-target", &world.oci("emulated"), &["--emulate"]);
+    result(&out);
+    let err = stderr(&out);
+    assert!(err.contains("folder arm64 on aarch64 for arm64"), "{err}");
+
+    // Several platforms can't go into a docker-archive: refused before anything runs.
+    let archive = format!("docker-archive:{}", world.path("app.tar").display());
+    let out = world.build_both("per-target", &archive, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", report(&out));
+    assert!(stderr(&out).contains("a docker-archive holds one platform"));
+    assert!(!world.path("app.tar").exists());
+}

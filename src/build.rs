@@ -1098,6 +1098,16 @@ fn check_arguments(request: &BuildRequest) -> Result<(), BuildError> {
             )));
         }
     }
+    if target_platforms(request).len() > 1
+        && let Some(archive) = std::iter::once(&request.output)
+            .chain(&request.tags)
+            .find(|r| matches!(r, ImageRef::DockerArchive { .. }))
+    {
+        return Err(BuildError::Usage(format!(
+            "{archive}: a docker-archive holds one platform; several platforms make an index \
+             (write it to a registry, oci: or oci-archive:)"
+        )));
+    }
     if request.cache_dir.is_some() && request.cache_image.is_some() {
         return Err(BuildError::Usage(
             "give either --cache-dir or --cache-image, not both".into(),
