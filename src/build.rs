@@ -150,6 +150,9 @@ pub struct BuildRequest {
     pub cache_image: Option<ImageRef>,
     /// Start without the cache's layers (the cache is still written after the build).
     pub clear_cache: bool,
+    /// More names of the run image for the app's rebase metadata (a registry an air-gapped
+    /// site copies the run image to, say); a rebase prefers one on the app's own registry.
+    pub run_image_mirrors: Vec<ImageRef>,
     /// The image whose layers the build may reuse (default: `--output`, when it is a registry
     /// or a layout).
     pub previous_image: Option<ImageRef>,
@@ -1090,6 +1093,16 @@ fn check_arguments(request: &BuildRequest) -> Result<(), BuildError> {
              (write it to a registry, oci: or oci-archive:)"
         )));
     }
+    if let Some(mirror) = request
+        .run_image_mirrors
+        .iter()
+        .find(|r| !matches!(r, ImageRef::Registry(_)))
+    {
+        return Err(BuildError::Usage(format!(
+            "--run-image-mirror {mirror}: a mirror is a registry reference \
+             (docker://REGISTRY/REPO:TAG), where a rebase can find the run image"
+        )));
+    }
     if request.cache_dir.is_some() && request.cache_image.is_some() {
         return Err(BuildError::Usage(
             "give either --cache-dir or --cache-image, not both".into(),
@@ -1594,10 +1607,11 @@ impl Exporting<'_> {
         )
         .map_err(|e| export_error(e.to_string()))?;
         let run = run_image;
-        let (run_toml_image, run_toml_mirrors) = match run.run_toml {
+        let (run_toml_image, mut mirrors) = match run.run_toml {
             Some((image, mirrors)) => (Some(image), mirrors),
             None => (None, Vec::new()),
         };
+        mirrors.extend(request.run_image_mirrors.iter().map(recorded_name));
         let exported = crate::export::export(
             &mut self.assembly,
             crate::export::ExportRequest {
@@ -1615,7 +1629,7 @@ impl Exporting<'_> {
                     platform: run.image.platform,
                     name: run.name,
                     run_toml_image,
-                    run_toml_mirrors,
+                    mirrors,
                 },
                 previous,
                 launcher: &launcher.bytes,
