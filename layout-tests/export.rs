@@ -18,11 +18,6 @@ use common::*;
 use registry_support::{FaultProxy, RegistryConfig, TestRegistry};
 use serde_json::Value;
 
-fn config_of(reference: &str) -> Value {
-    let text = tool("skopeo", &["inspect", "--config", reference]);
-    serde_json::from_str(&text).unwrap()
-}
-
 fn label(config: &Value, key: &str) -> Value {
     let text = config["config"]["Labels"][key]
         .as_str()

@@ -64,20 +64,6 @@ fn result(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", report(out)))
 }
 
-/// `skopeo inspect --raw`: the digest of the bytes, and the manifest or index.
-fn raw(reference: &str) -> (String, Value) {
-    let mut args = vec!["inspect", "--raw"];
-    if reference.starts_with("docker://") {
-        args.push("--tls-verify=false");
-    }
-    args.push(reference);
-    let raw = tool("skopeo", &args);
-    (
-        format!("sha256:{}", sha256_hex(raw.as_bytes())),
-        serde_json::from_str(&raw).unwrap(),
-    )
-}
-
 fn layer_digests(manifest: &Value) -> Vec<String> {
     manifest["layers"]
         .as_array()
@@ -117,7 +103,7 @@ fn child_manifest(reference: &str, index: &Value, arch: &str) -> Value {
         Some(rest) => format!("docker://{}@{digest}", rest.rsplit_once(':').unwrap().0),
         None => format!("{reference}-linux-{arch}"),
     };
-    let (found, manifest) = raw(&child);
+    let (found, manifest) = skopeo_raw(&child);
     assert_eq!(&found, digest, "{child}");
     manifest
 }
@@ -125,7 +111,7 @@ fn child_manifest(reference: &str, index: &Value, arch: &str) -> Value {
 /// Checks the index a build of the arch-neutral app wrote at `reference`: two platforms, each
 /// child on its own run image's layers, the buildpack and app layers one blob for both.
 fn check_arch_neutral_index(reference: &str, built: &Value) -> String {
-    let (digest, index) = raw(reference);
+    let (digest, index) = skopeo_raw(reference);
     assert_eq!(built["image"]["digest"], digest.as_str());
     let found = children(&index);
     assert_eq!(found.keys().collect::<Vec<_>>(), ["amd64", "arm64"]);
@@ -133,7 +119,8 @@ fn check_arch_neutral_index(reference: &str, built: &Value) -> String {
     let mut added = Vec::new();
     for arch in ["amd64", "arm64"] {
         let layers = layer_digests(&child_manifest(reference, &index, arch));
-        let run = layer_digests(&raw(&format!("oci:{}:run-linux-{arch}", images().display())).1);
+        let run =
+            layer_digests(&skopeo_raw(&format!("oci:{}:run-linux-{arch}", images().display())).1);
         assert_eq!(layers[..run.len()], run[..], "{arch}: not on its run image");
         added.push(layers[run.len()..].to_vec());
     }
@@ -344,7 +331,7 @@ fn a_host_program_in_a_launch_layer_fails_for_arm64_unless_allowed() {
         err.contains("let through by --allow-foreign-binaries"),
         "{err}"
     );
-    let (_, index) = raw(&world.oci("wrong"));
+    let (_, index) = skopeo_raw(&world.oci("wrong"));
     assert_eq!(children(&index).len(), 2);
 }
 

@@ -23,7 +23,7 @@ use lathe::platform::Platform;
 use lathe::progress::Progress;
 use lathe::reference::ImageRef;
 use oci_spec::image::MediaType;
-use registry_support::{FaultProxy, RegistryConfig, Seen, TestRegistry};
+use registry_support::{FaultProxy, RegistryConfig, TestRegistry, named_digest};
 use serde_json::{Value, json};
 
 const LIFECYCLE: &str = "io.buildpacks.lifecycle.metadata";
@@ -88,33 +88,6 @@ fn rebase_refused(args: &[&str]) -> String {
     let (out, _) = rebase(args);
     assert_eq!(out.status.code(), Some(72), "{}", report(&out));
     stderr(&out)
-}
-
-fn skopeo_ref(reference: &str) -> Vec<String> {
-    if reference.starts_with("docker://") {
-        vec!["--tls-verify=false".into(), reference.into()]
-    } else {
-        vec![reference.into()]
-    }
-}
-
-fn config_of(reference: &str) -> Value {
-    let mut args = vec!["inspect".to_string(), "--config".into()];
-    args.extend(skopeo_ref(reference));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    serde_json::from_str(&tool("skopeo", &args)).unwrap()
-}
-
-/// The manifest's digest and the manifest.
-fn manifest_of(reference: &str) -> (String, Value) {
-    let mut args = vec!["inspect".to_string(), "--raw".into()];
-    args.extend(skopeo_ref(reference));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let raw = tool("skopeo", &args);
-    (
-        format!("sha256:{}", sha256_hex(raw.as_bytes())),
-        serde_json::from_str(&raw).unwrap(),
-    )
 }
 
 fn labels(config: &Value) -> serde_json::Map<String, Value> {
@@ -260,19 +233,19 @@ fn a_layout_rebase_swaps_the_run_image_and_keeps_the_app() {
     let app = world.oci("out", "app");
     built_digest(&world.build("deps-app", "cached-deps", &fixture_run(), &app, &[]));
     let before = config_of(&app);
-    let (before_digest, before_manifest) = manifest_of(&app);
+    let (before_digest, before_manifest) = skopeo_raw(&app);
     // The new run image under the same ref name ("run") in another layout: the label's
     // runImage.image is "run", so no --force is needed.
     let new_run = world.oci("new", "run");
     new_run_image(&new_run, &["linux/amd64", "linux/arm64"], &[]);
     let new_child = world.oci("new", "run-linux-amd64");
     let new_config = config_of(&new_child);
-    let (new_digest, new_manifest) = manifest_of(&new_child);
+    let (new_digest, new_manifest) = skopeo_raw(&new_child);
     let old_config = config_of(&format!("oci:{}:run-linux-amd64", images().display()));
-    let (old_digest, _) = manifest_of(&format!("oci:{}:run-linux-amd64", images().display()));
+    let (old_digest, _) = skopeo_raw(&format!("oci:{}:run-linux-amd64", images().display()));
 
     let outcome = rebase_ok(&[&app, "--run-image", &new_run]);
-    let (after_digest, after_manifest) = manifest_of(&app);
+    let (after_digest, after_manifest) = skopeo_raw(&app);
     assert_eq!(outcome["digest"], after_digest.as_str());
     assert_ne!(after_digest, before_digest);
     assert_eq!(outcome["references"], json!([app]));
@@ -388,24 +361,6 @@ fn a_layout_rebase_swaps_the_run_image_and_keeps_the_app() {
     assert_eq!(again["blobs_written"], 0);
 }
 
-/// The digest a request names: an upload's `digest=`, a mount's `mount=`, or a blob path's.
-fn named_digest(seen: &Seen) -> Option<String> {
-    let query = |key: &str| {
-        seen.target
-            .split_once('?')
-            .and_then(|(_, q)| {
-                q.split('&')
-                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-            })
-            .map(|v| v.replace("%3A", ":"))
-    };
-    query("digest").or_else(|| query("mount")).or_else(|| {
-        let path = seen.path();
-        (path.contains("/blobs/") && !seen.is_blob_upload())
-            .then(|| path.rsplit('/').next().unwrap().to_string())
-    })
-}
-
 #[test]
 fn a_registry_rebase_moves_no_layer() {
     let world = World::new();
@@ -419,7 +374,7 @@ fn a_registry_rebase_moves_no_layer() {
     // The build takes the run image's layers from the run repository by mounting them.
     proxy.clear();
     built_digest(&world.build("deps-app", "cached-deps", &run, &app, &[]));
-    let old_run_child = manifest_of(&format!("oci:{}:run-linux-amd64", images().display())).1;
+    let old_run_child = skopeo_raw(&format!("oci:{}:run-linux-amd64", images().display())).1;
     let old_base_layer = old_run_child["layers"][0]["digest"]
         .as_str()
         .unwrap()
@@ -439,13 +394,13 @@ fn a_registry_rebase_moves_no_layer() {
         "the run image's layer was uploaded: {seen:#?}"
     );
     let before = config_of(&app);
-    let (before_digest, before_manifest) = manifest_of(&app);
+    let (before_digest, before_manifest) = skopeo_raw(&app);
 
     // The run image is updated under the tag the app's label names; a rebase with no
     // --run-image finds it there.
     new_run_image(&run, &["linux/amd64", "linux/arm64"], &[]);
     let (new_child_digest, new_child) = {
-        let index = manifest_of(&run).1;
+        let index = skopeo_raw(&run).1;
         let child = index["manifests"]
             .as_array()
             .unwrap()
@@ -456,7 +411,7 @@ fn a_registry_rebase_moves_no_layer() {
             .unwrap()
             .to_string();
         let reference = format!("docker://{host}/lathe/run@{child}");
-        (child, manifest_of(&reference).1)
+        (child, skopeo_raw(&reference).1)
     };
     let new_run_config = new_child["config"]["digest"].as_str().unwrap().to_string();
 
@@ -465,7 +420,7 @@ fn a_registry_rebase_moves_no_layer() {
     let outcome = rebase_ok(&[&app]);
     let elapsed = started.elapsed();
     let seen = proxy.seen();
-    let (after_digest, after_manifest) = manifest_of(&app);
+    let (after_digest, after_manifest) = skopeo_raw(&app);
     assert_eq!(outcome["digest"], after_digest.as_str());
     assert_ne!(after_digest, before_digest);
     assert_eq!(outcome["run_image"], run.as_str());
@@ -586,25 +541,7 @@ fn a_registry_rebase_moves_no_layer() {
             && named_digest(s).is_some_and(|d| layers.contains(&d))),
         "{seen:#?}"
     );
-    assert_eq!(manifest_of(&elsewhere).0, after_digest);
-}
-
-/// Writes to `dest` the single image `source` with its config changed by `change`.
-fn patched_image(source: &str, dest: &str, change: impl FnOnce(&mut Value)) {
-    let source: ImageRef = source.parse().unwrap();
-    let mut assembly = Assembly::new("a patched image", None).unwrap();
-    let input = assembly.open_input(&source).unwrap();
-    let image = lathe::image::read_default_image(assembly.input(input)).unwrap();
-    for layer in &image.layers {
-        assembly.take_blob(input, layer);
-    }
-    let mut config = image.config.clone();
-    change(&mut config);
-    let manifest = assembly.write_image(&config, &image.layers).unwrap();
-    assembly.set_root(&[(image.platform, manifest)]).unwrap();
-    assembly
-        .write_to(&dest.parse().unwrap(), &Progress::Silent)
-        .unwrap();
+    assert_eq!(skopeo_raw(&elsewhere).0, after_digest);
 }
 
 /// Changes the lifecycle label of an app config.
@@ -716,7 +653,7 @@ fn the_lifecycles_checks_refuse_and_force_overrides() {
             .contains("io.buildpacks.rebasable"),
         "{outcome:#}"
     );
-    assert_eq!(manifest_of(&pinned).0, outcome["digest"].as_str().unwrap());
+    assert_eq!(skopeo_raw(&pinned).0, outcome["digest"].as_str().unwrap());
 }
 
 #[test]
@@ -838,13 +775,6 @@ fn bad_app_images_are_named_and_nothing_is_written() {
     assert_eq!(out.status.code(), Some(72), "{}", report(&out));
 }
 
-/// The ELF machine of a file (62 x86-64, 183 aarch64).
-fn elf_machine(path: &Path) -> u16 {
-    let bytes = fs::read(path).unwrap();
-    assert_eq!(&bytes[..4], b"\x7fELF");
-    u16::from_le_bytes([bytes[18], bytes[19]])
-}
-
 #[test]
 fn an_index_is_rebased_platform_by_platform() {
     let world = World::new();
@@ -869,10 +799,10 @@ fn an_index_is_rebased_platform_by_platform() {
 
     let rebased = world.oci("out", "rebased");
     let outcome = rebase_ok(&[&site, "--run-image", &new_run, "--output", &rebased]);
-    let (digest, index) = manifest_of(&rebased);
+    let (digest, index) = skopeo_raw(&rebased);
     assert_eq!(outcome["digest"], digest.as_str());
     assert_ne!(digest, index_digest);
-    let (_, old_index) = manifest_of(&site);
+    let (_, old_index) = skopeo_raw(&site);
     assert_eq!(index["annotations"], old_index["annotations"]);
     let children = index["manifests"].as_array().unwrap();
     assert_eq!(children.len(), 2);
@@ -902,7 +832,7 @@ fn an_index_is_rebased_platform_by_platform() {
             lifecycle_label(&config)["runImage"]["reference"],
             format!(
                 "run@{}",
-                manifest_of(&world.oci("new", &format!("run-linux-{arch}"))).0
+                skopeo_raw(&world.oci("new", &format!("run-linux-{arch}"))).0
             )
         );
     }
@@ -985,7 +915,7 @@ fn archives_are_rebased_in_place() {
         &new_run,
     ]);
     assert_eq!(
-        manifest_of(&oci_archive).0,
+        skopeo_raw(&oci_archive).0,
         outcome["digest"].as_str().unwrap()
     );
     assert_eq!(diff_ids(&config_of(&oci_archive))[1], extra);
@@ -1084,15 +1014,15 @@ fn a_two_platform_build_is_rebased_on_the_registry_moving_no_layer() {
         &app,
         &["--platform=linux/amd64,linux/arm64"],
     ));
-    let (before_digest, before) = manifest_of(&app);
+    let (before_digest, before) = skopeo_raw(&app);
     assert_eq!(before["manifests"].as_array().unwrap().len(), 2);
     new_run_image(&run, &["linux/amd64", "linux/arm64"], &[]);
-    let (_, new_run) = manifest_of(&run);
+    let (_, new_run) = skopeo_raw(&run);
 
     proxy.clear();
     let outcome = rebase_ok(&[&app]);
     let seen = proxy.seen();
-    let (after_digest, after) = manifest_of(&app);
+    let (after_digest, after) = skopeo_raw(&app);
     assert_eq!(outcome["digest"], after_digest.as_str());
     assert_ne!(after_digest, before_digest);
     let repository = format!("docker://{host}/lathe/app");
@@ -1102,7 +1032,7 @@ fn a_two_platform_build_is_rebased_on_the_registry_moving_no_layer() {
         let child = &after["manifests"][i];
         assert_eq!(child["platform"]["architecture"], *arch);
         let digest = child["digest"].as_str().unwrap();
-        let (_, manifest) = manifest_of(&format!("{repository}@{digest}"));
+        let (_, manifest) = skopeo_raw(&format!("{repository}@{digest}"));
         configs.insert(manifest["config"]["digest"].as_str().unwrap().to_string());
         for layer in manifest["layers"].as_array().unwrap() {
             layers.insert(layer["digest"].as_str().unwrap().to_string());
@@ -1178,11 +1108,11 @@ fn an_app_copied_across_the_air_gap_rebases_onto_its_run_image_mirror() {
     let app = format!("docker://{host}/internal/app:1");
     lathe_ok(&["copy", "--quiet", &archive, &app]);
     new_run_image(&mirror, &["linux/amd64", "linux/arm64"], &[]);
-    let (_, new_run) = manifest_of(&mirror);
+    let (_, new_run) = skopeo_raw(&mirror);
 
     let outcome = rebase_ok(&[&app]);
     assert_eq!(outcome["run_image"], mirror.as_str(), "{outcome:#}");
-    let (_, index) = manifest_of(&app);
+    let (_, index) = skopeo_raw(&app);
     for (i, arch) in ["amd64", "arm64"].iter().enumerate() {
         let child = index["manifests"][i]["digest"].as_str().unwrap();
         let config = config_of(&format!("docker://{host}/internal/app@{child}"));

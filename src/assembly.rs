@@ -3,8 +3,10 @@
 //! layers of a previous build) served from those images, never copied. The assembled image is
 //! an [`ImageSource`], so [`image::copy_from_source`] writes it to any destination through that
 //! destination's sink, which sends only what the destination lacks and makes the image visible
-//! only when it is complete. `lathe buildpack package`, `lathe builder create` and the export
-//! of `lathe build` all assemble their images here.
+//! only when it is complete. Whole images can be taken from inputs too, their manifests kept
+//! byte for byte so an index can name them by digest. `lathe buildpack package`, `lathe
+//! builder create`, the export of `lathe build`, `lathe rebase` and `lathe index` all assemble
+//! their images here.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
@@ -14,7 +16,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::{Descriptor, MediaType};
 use serde_json::{Value, json};
 
-use crate::content;
+use crate::content::{self, Kind};
 use crate::image::{self, ImageError, ImageSource};
 use crate::layer::LayerCompression;
 use crate::layer::cnb::CnbLayerWriter;
@@ -51,7 +53,8 @@ pub struct MadeLayer {
 pub struct Assembly {
     describe: String,
     dir: tempfile::TempDir,
-    /// Digests of the blobs staged in `dir`.
+    /// Digests of the blobs staged in `dir`: those lathe made, and the manifests taken whole
+    /// from inputs.
     made: BTreeSet<String>,
     compression: LayerCompression,
     inputs: Vec<Box<dyn ImageSource>>,
@@ -107,6 +110,53 @@ impl Assembly {
         self.origins.insert(desc.digest().to_string(), input);
     }
 
+    /// The manifest or index `desc` of input `input` becomes part of the image unchanged, with
+    /// everything it names (child manifests, configs, layers), so that an index lathe writes can
+    /// name it by its digest. Manifests are read (and verified) once here and kept; configs
+    /// and layers are served from the input, or mounted from its repository on a registry.
+    /// Returns the manifest's bytes.
+    pub fn take_manifest(
+        &mut self,
+        input: usize,
+        desc: &Descriptor,
+    ) -> Result<Vec<u8>, ImageError> {
+        let source = self.inputs[input].as_ref();
+        let what = source.describe();
+        let bytes = source.read_blob(desc)?;
+        let mut blobs = Vec::new();
+        let mut children = Vec::new();
+        match content::kind_of(desc.media_type()) {
+            Kind::Manifest => {
+                let manifest = image::parse_manifest(&bytes, desc, &what)?;
+                blobs.push(manifest.config().clone());
+                blobs.extend(manifest.layers().iter().cloned());
+            }
+            Kind::Index => {
+                children = image::parse_index(&bytes, desc, &what)?
+                    .manifests()
+                    .to_vec();
+            }
+            Kind::Other => {
+                return Err(ImageError::Invalid {
+                    what,
+                    why: format!(
+                        "{} is a {}, not an image manifest or index",
+                        desc.digest(),
+                        desc.media_type()
+                    ),
+                });
+            }
+        }
+        self.stage_bytes(desc, &bytes)?;
+        for blob in &blobs {
+            self.take_blob(input, blob);
+        }
+        for child in &children {
+            self.take_manifest(input, child)?;
+        }
+        Ok(bytes)
+    }
+
     fn path_of(&self, digest: &str) -> PathBuf {
         self.dir
             .path()
@@ -125,13 +175,19 @@ impl Assembly {
             bytes.len() as u64,
             content::sha256_digest(&bytes),
         );
+        self.stage_bytes(&desc, &bytes)?;
+        Ok(desc)
+    }
+
+    /// Stages `bytes`, whose digest `desc` gives (already checked).
+    fn stage_bytes(&mut self, desc: &Descriptor, bytes: &[u8]) -> Result<(), ImageError> {
         let key = desc.digest().to_string();
         if !self.made.contains(&key) {
             let path = self.path_of(&key);
-            fs::write(&path, &bytes).map_err(io_error(path.display()))?;
+            fs::write(&path, bytes).map_err(io_error(path.display()))?;
             self.made.insert(key);
         }
-        Ok(desc)
+        Ok(())
     }
 
     /// Stages a layer whose entries `fill` adds, in the lifecycle's tar conventions; `what`

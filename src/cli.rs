@@ -166,6 +166,9 @@ pub enum Command {
     /// Create builder images
     #[command(subcommand)]
     Builder(BuilderCommand),
+    /// Stitch per-platform images (built on native runners, or by other tools) into an index
+    #[command(subcommand)]
+    Index(IndexCommand),
     /// Print a shell completion script
     Completions(CompletionsArgs),
 }
@@ -201,6 +204,72 @@ pub enum BuilderCommand {
                       one image each and an index."
     )]
     Create(BuilderCreateArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Make an image index of the platforms of existing images
+    #[command(
+        long_about = "Make an image index of the platforms of existing images (built on native \
+                      runners, or by other tools), each read from any transport: a single image \
+                      gives one child, an index every platform child (or those --platform \
+                      names). Each child's platform (os, architecture, variant, os.version, \
+                      os.features) comes from its image config, and the index names the child \
+                      manifests by their exact digests: they are copied unchanged. Two different \
+                      images of one platform are an error naming both. Only what DEST lacks is \
+                      sent; on a registry, blobs in another repository of the same registry are \
+                      mounted. OCI manifests give an OCI index, Docker schema 2 manifests a \
+                      Docker manifest list. Written to oci:DIR:ref, each child is also named \
+                      ref-<os>-<arch>[-<variant>]."
+    )]
+    Create(IndexCreateArgs),
+    /// Add platforms to an existing index, or replace them, in place
+    #[command(
+        long_about = "Add the platforms of existing images to the image index INDEX: an image of \
+                      a platform INDEX has replaces that child (said on stderr, with the \
+                      attestations that were about it), others are added. The index's own \
+                      fields, annotations and other children are kept, and INDEX is replaced \
+                      atomically (a registry tag, a layout ref, or an oci-archive that holds \
+                      only this index). An INDEX that is a single image is an error."
+    )]
+    Add(IndexAddArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IndexImagesArgs {
+    /// An image or index whose platforms become children (any transport; repeatable, in order)
+    #[arg(long = "add", value_name = "REF", value_parser = parse_ref, required = true)]
+    pub add: Vec<ImageRef>,
+    /// Only these platforms of the added images (os/arch[/variant]; repeatable or
+    /// comma-separated); an added image with none of them, or a platform no image has, is an
+    /// error
+    #[arg(long, value_name = "PLATFORM", value_delimiter = ',', value_parser = parse_platform)]
+    pub platform: Vec<Platform>,
+    /// An annotation of the index itself (repeatable)
+    #[arg(long, value_name = "K=V", value_parser = parse_env)]
+    pub annotation: Vec<(String, String)>,
+    /// Print the result (digest, media type, children with their platform, digest and
+    /// reference) as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct IndexCreateArgs {
+    /// Where to write the index (a registry, oci:DIR[:ref] or oci-archive:FILE[:ref])
+    #[arg(value_name = "DEST", value_parser = parse_ref)]
+    pub dest: ImageRef,
+    #[command(flatten)]
+    pub images: IndexImagesArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct IndexAddArgs {
+    /// The index to change, in place (a registry tag, oci:DIR[:ref] or oci-archive:FILE[:ref])
+    #[arg(value_name = "INDEX", value_parser = parse_ref)]
+    pub index: ImageRef,
+    #[command(flatten)]
+    pub images: IndexImagesArgs,
 }
 
 #[derive(Debug, Args)]
@@ -754,6 +823,35 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 )
             })?;
         }
+        Command::Index(command) => {
+            let (index, images, create) = match command {
+                IndexCommand::Create(args) => (args.dest, args.images, true),
+                IndexCommand::Add(args) => (args.index, args.images, false),
+            };
+            let request = crate::index::IndexRequest {
+                index,
+                add: images.add,
+                platforms: images.platform,
+                annotations: images.annotation,
+                staging_parent: None,
+            };
+            let progress = Progress::for_stderr(cli.global.quiet || images.json);
+            let outcome = if create {
+                crate::index::create(&request, &progress)?
+            } else {
+                crate::index::add(&request, &progress)?
+            };
+            if !cli.global.quiet {
+                for note in &outcome.notes {
+                    eprintln!("note: {note}");
+                }
+            }
+            if images.json {
+                println!("{}", serde_json::to_string_pretty(&outcome)?);
+            } else if !cli.global.quiet {
+                eprint!("{}", crate::index::describe(&outcome));
+            }
+        }
         Command::Completions(args) => {
             clap_complete::generate(args.shell, &mut command(), "lathe", &mut std::io::stdout());
         }
@@ -938,6 +1036,9 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         return e.exit_code();
     }
     if let Some(e) = err.downcast_ref::<crate::rebase::RebaseError>() {
+        return e.exit_code();
+    }
+    if let Some(e) = err.downcast_ref::<crate::index::IndexError>() {
         return e.exit_code();
     }
     if err.downcast_ref::<UsageError>().is_some() {

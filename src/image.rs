@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use crate::archive::{
     ArchiveError, DockerArchiveSink, DockerArchiveSource, OciArchiveSink, OciArchiveSource,
+    TarIndex,
 };
 use crate::content::{self, Kind};
 use crate::layout::{self, Layout, LayoutError, Transaction};
@@ -52,6 +53,9 @@ pub enum ImageError {
     /// The image (or index) has no image for the platform asked for.
     #[error("{what}: {why}")]
     PlatformMissing { what: String, why: String },
+    /// The image can't be written back where it is (see [`in_place_destination`]).
+    #[error("{reference}: {why}")]
+    NotReplaceable { reference: String, why: String },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -59,7 +63,10 @@ pub enum ImageError {
 impl ImageError {
     /// True when the user's arguments, not the images, are at fault (exit code 3).
     pub fn is_usage(&self) -> bool {
-        matches!(self, ImageError::Reference(_) | ImageError::Platform(_))
+        matches!(
+            self,
+            ImageError::Reference(_) | ImageError::Platform(_) | ImageError::NotReplaceable { .. }
+        )
     }
 }
 
@@ -221,6 +228,100 @@ pub fn open_sink(reference: &ImageRef) -> Result<Box<dyn ImageSink>, ImageError>
             Box::new(DockerArchiveSink::create(file, name.as_deref())?)
         }
     })
+}
+
+/// Where an image is written back to replace itself (a rebase or `lathe index add` without
+/// another destination): its own tag, layout ref or archive, which the destination's sink then
+/// replaces atomically. A digest, an unnamed layout image, or an archive that holds other
+/// images too is [`ImageError::NotReplaceable`] (the first can't be replaced, the others would
+/// be lost).
+pub fn in_place_destination(image: &ImageRef, root: &Descriptor) -> Result<ImageRef, ImageError> {
+    let refuse = |why: String| ImageError::NotReplaceable {
+        reference: image.to_string(),
+        why,
+    };
+    let invalid = |why: String| ImageError::Invalid {
+        what: image.to_string(),
+        why,
+    };
+    let ref_name = |name: &Option<String>| {
+        name.clone()
+            .or_else(|| layout::ref_name(root))
+            .ok_or_else(|| refuse("the image has no ref name to replace".into()))
+    };
+    match image {
+        ImageRef::Registry(r) => match &r.tag {
+            Some(_) => Ok(ImageRef::Registry(RegistryRef {
+                digest: None,
+                ..r.clone()
+            })),
+            None => Err(refuse(
+                "a digest names one image for good, so a changed image can't replace it".into(),
+            )),
+        },
+        ImageRef::Layout { dir, name } => Ok(ImageRef::Layout {
+            dir: dir.clone(),
+            name: Some(ref_name(name)?),
+        }),
+        ImageRef::OciArchive { file, name } => {
+            let name = ref_name(name)?;
+            let tar = TarIndex::open(file, "oci-archive")?;
+            let bytes = tar.read_member("index.json", content::MAX_JSON_BLOB)?;
+            let index: Value =
+                serde_json::from_slice(&bytes).map_err(|e| invalid(format!("index.json: {e}")))?;
+            let others: Vec<String> = index
+                .get("manifests")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|d| {
+                    d.pointer(&format!(
+                        "/annotations/{}",
+                        layout::REF_NAME.replace('/', "~1")
+                    ))
+                    .and_then(Value::as_str)
+                    .unwrap_or("(unnamed)")
+                    .to_string()
+                })
+                .filter(|n| *n != name && !n.starts_with(&format!("{name}-")))
+                .collect();
+            if !others.is_empty() {
+                return Err(refuse(format!(
+                    "the archive also holds {}, which rewriting it would drop",
+                    others.join(", ")
+                )));
+            }
+            Ok(ImageRef::OciArchive {
+                file: file.clone(),
+                name: Some(name),
+            })
+        }
+        ImageRef::DockerArchive { file, name } => {
+            let tar = TarIndex::open(file, "docker-archive")?;
+            let bytes = tar.read_member("manifest.json", content::MAX_JSON_BLOB)?;
+            let entries: Vec<Value> = serde_json::from_slice(&bytes)
+                .map_err(|e| invalid(format!("manifest.json: {e}")))?;
+            if entries.len() > 1 {
+                return Err(refuse(format!(
+                    "the archive holds {} images, and rewriting it with one would drop the \
+                     others",
+                    entries.len()
+                )));
+            }
+            let tag = match name {
+                Some(n) if !n.starts_with('@') => Some(n.clone()),
+                _ => entries
+                    .first()
+                    .and_then(|e| e.pointer("/RepoTags/0"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            };
+            Ok(ImageRef::DockerArchive {
+                file: file.clone(),
+                name: tag,
+            })
+        }
+    }
 }
 
 pub struct LayoutSource {

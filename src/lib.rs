@@ -15,6 +15,7 @@ pub mod elfcheck;
 pub mod export;
 pub mod idmap;
 pub mod image;
+pub mod index;
 pub mod inspect;
 pub mod launcher;
 pub mod layer;

@@ -35,7 +35,6 @@ use oci_spec::image::{Descriptor, MediaType};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use crate::archive::TarIndex;
 use crate::assembly::Assembly;
 use crate::build::recorded_name;
 use crate::content::{self, Kind};
@@ -43,7 +42,6 @@ use crate::export::{
     LIFECYCLE_METADATA_LABEL, LifecycleMetadata, StackMetadata, StackRunImage, strip_tag_and_digest,
 };
 use crate::image::{self, ImageError, ImageSource, PlatformImage};
-use crate::layout;
 use crate::lifecycle::ApiVersion;
 use crate::platform::Platform;
 use crate::progress::Progress;
@@ -185,7 +183,14 @@ pub fn rebase(request: &RebaseRequest, progress: &Progress) -> Result<RebaseOutc
     let app_source = image::open_source(&request.image)?;
     let destination = match &request.output {
         Some(output) => output.clone(),
-        None => in_place_destination(&request.image, &app_source.root())?,
+        None => image::in_place_destination(&request.image, &app_source.root()).map_err(
+            |e| match e {
+                ImageError::NotReplaceable { reference, why } => {
+                    RebaseError::Usage(format!("{reference}: {why}; give --output"))
+                }
+                e => e.into(),
+            },
+        )?,
     };
     let (index, children, mut notes) = read_app(app_source.as_ref())?;
 
@@ -989,98 +994,6 @@ fn rebased_index(index: &Value, children: &[(Descriptor, Descriptor)]) -> Value 
     }
     index["manifests"] = Value::Array(rebased);
     index
-}
-
-// ---------------------------------------------------------------------------- destination
-
-/// Where an in-place rebase writes: the image's own tag, layout ref or archive. A digest, an
-/// unnamed layout image, or an archive that holds other images too is refused (the first can't
-/// be replaced, the others would be lost).
-fn in_place_destination(image: &ImageRef, root: &Descriptor) -> Result<ImageRef, RebaseError> {
-    let need_output = |why: String| RebaseError::Usage(format!("{image}: {why}; give --output"));
-    let ref_name = |name: &Option<String>| {
-        name.clone()
-            .or_else(|| layout::ref_name(root))
-            .ok_or_else(|| need_output("the image has no ref name to replace".into()))
-    };
-    match image {
-        ImageRef::Registry(r) => match &r.tag {
-            Some(_) => Ok(ImageRef::Registry(RegistryRef {
-                digest: None,
-                ..r.clone()
-            })),
-            None => Err(need_output(
-                "a digest names one image for good, so the rebased image can't replace it".into(),
-            )),
-        },
-        ImageRef::Layout { dir, name } => Ok(ImageRef::Layout {
-            dir: dir.clone(),
-            name: Some(ref_name(name)?),
-        }),
-        ImageRef::OciArchive { file, name } => {
-            let name = ref_name(name)?;
-            let tar = TarIndex::open(file, "oci-archive").map_err(ImageError::from)?;
-            let bytes = tar
-                .read_member("index.json", content::MAX_JSON_BLOB)
-                .map_err(ImageError::from)?;
-            let index: Value = serde_json::from_slice(&bytes)
-                .map_err(|e| invalid(&image.to_string(), format!("index.json: {e}")))?;
-            let others: Vec<String> = index
-                .get("manifests")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|d| {
-                    d.pointer(&format!(
-                        "/annotations/{}",
-                        layout::REF_NAME.replace('/', "~1")
-                    ))
-                    .and_then(Value::as_str)
-                    .unwrap_or("(unnamed)")
-                    .to_string()
-                })
-                .filter(|n| *n != name && !n.starts_with(&format!("{name}-")))
-                .collect();
-            if !others.is_empty() {
-                return Err(need_output(format!(
-                    "the archive also holds {}, which rewriting it with the rebased image \
-                     would drop",
-                    others.join(", ")
-                )));
-            }
-            Ok(ImageRef::OciArchive {
-                file: file.clone(),
-                name: Some(name),
-            })
-        }
-        ImageRef::DockerArchive { file, name } => {
-            let tar = TarIndex::open(file, "docker-archive").map_err(ImageError::from)?;
-            let bytes = tar
-                .read_member("manifest.json", content::MAX_JSON_BLOB)
-                .map_err(ImageError::from)?;
-            let entries: Vec<Value> = serde_json::from_slice(&bytes)
-                .map_err(|e| invalid(&image.to_string(), format!("manifest.json: {e}")))?;
-            if entries.len() > 1 {
-                return Err(need_output(format!(
-                    "the archive holds {} images, and rewriting it with the rebased one would \
-                     drop the others",
-                    entries.len()
-                )));
-            }
-            let tag = match name {
-                Some(n) if !n.starts_with('@') => Some(n.clone()),
-                _ => entries
-                    .first()
-                    .and_then(|e| e.pointer("/RepoTags/0"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-            };
-            Ok(ImageRef::DockerArchive {
-                file: file.clone(),
-                name: tag,
-            })
-        }
-    }
 }
 
 #[cfg(test)]

@@ -200,9 +200,13 @@ pub fn setpriv_nobody() -> Command {
     c
 }
 
-/// The JSON `skopeo inspect --raw` prints, parsed.
+/// The digest of what `skopeo inspect --raw` prints at `reference` (a test registry over plain
+/// http), and that JSON, parsed.
 pub fn skopeo_raw(reference: &str) -> (String, serde_json::Value) {
-    let raw = tool("skopeo", &["inspect", "--raw", reference]);
+    let mut args = vec!["inspect".to_string(), "--raw".into()];
+    args.extend(skopeo_ref(reference));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let raw = tool("skopeo", &args);
     (
         format!("sha256:{}", sha256_hex(raw.as_bytes())),
         serde_json::from_str(&raw).unwrap(),
@@ -582,4 +586,46 @@ pub fn command_as(who: Who, exe: &Path) -> Command {
             c
         }
     }
+}
+
+/// `reference` as skopeo arguments: registries (the test registries) over plain http.
+pub fn skopeo_ref(reference: &str) -> Vec<String> {
+    if reference.starts_with("docker://") {
+        vec!["--tls-verify=false".into(), reference.into()]
+    } else {
+        vec![reference.into()]
+    }
+}
+
+/// The config skopeo reads at `reference`.
+pub fn config_of(reference: &str) -> serde_json::Value {
+    let mut args = vec!["inspect".to_string(), "--config".into()];
+    args.extend(skopeo_ref(reference));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    serde_json::from_str(&tool("skopeo", &args)).unwrap()
+}
+
+/// The ELF machine of a file (62 x86-64, 183 aarch64).
+pub fn elf_machine(path: &Path) -> u16 {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..4], b"\x7fELF");
+    u16::from_le_bytes([bytes[18], bytes[19]])
+}
+
+/// Writes to `dest` the single image `source` with its config changed by `change`.
+pub fn patched_image(source: &str, dest: &str, change: impl FnOnce(&mut serde_json::Value)) {
+    let source: lathe::reference::ImageRef = source.parse().unwrap();
+    let mut assembly = lathe::assembly::Assembly::new("a patched image", None).unwrap();
+    let input = assembly.open_input(&source).unwrap();
+    let image = lathe::image::read_default_image(assembly.input(input)).unwrap();
+    for layer in &image.layers {
+        assembly.take_blob(input, layer);
+    }
+    let mut config = image.config.clone();
+    change(&mut config);
+    let manifest = assembly.write_image(&config, &image.layers).unwrap();
+    assembly.set_root(&[(image.platform, manifest)]).unwrap();
+    assembly
+        .write_to(&dest.parse().unwrap(), &lathe::progress::Progress::Silent)
+        .unwrap();
 }

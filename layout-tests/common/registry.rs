@@ -575,6 +575,24 @@ impl Seen {
     }
 }
 
+/// The digest a request names: an upload's `digest=`, a mount's `mount=`, or a blob path's.
+pub fn named_digest(seen: &Seen) -> Option<String> {
+    let query = |key: &str| {
+        seen.target
+            .split_once('?')
+            .and_then(|(_, q)| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+            })
+            .map(|v| v.replace("%3A", ":"))
+    };
+    query("digest").or_else(|| query("mount")).or_else(|| {
+        let path = seen.path();
+        (path.contains("/blobs/") && !seen.is_blob_upload())
+            .then(|| path.rsplit('/').next().unwrap().to_string())
+    })
+}
+
 type Decide = dyn Fn(&Request) -> Option<Fault> + Send + Sync;
 
 /// An HTTP proxy in front of a registry that injects faults chosen by `decide`, and logs
