@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::content::{self, Compression, HashingWriter, VerifyingReader};
-use crate::image::{ImageError, ImageSink, ImageSource};
+use crate::image::{ImageError, ImageSink, ImageSource, NamedImage};
 use crate::layer::{self, NORMALIZED_MTIME};
 use crate::layout;
 use crate::platform::Platform;
@@ -201,6 +201,22 @@ pub struct OciArchiveSource {
 
 impl OciArchiveSource {
     pub fn open(file: &Path, name: Option<&str>) -> Result<OciArchiveSource, ImageError> {
+        let (tar, entries) = Self::read_index(file)?;
+        let root = layout::resolve_ref(&entries, name).map_err(|why| tar.error(why))?;
+        let describe = crate::reference::ImageRef::OciArchive {
+            file: file.to_path_buf(),
+            name: name.map(str::to_string),
+        }
+        .to_string();
+        Ok(OciArchiveSource {
+            tar,
+            root,
+            describe,
+        })
+    }
+
+    /// The archive's members and the entries of its `index.json` (checked).
+    pub fn read_index(file: &Path) -> Result<(TarIndex, Vec<Descriptor>), ImageError> {
         let tar = TarIndex::open(file, "oci-archive")?;
         let layout_file = tar
             .read_member("oci-layout", 1 << 16)
@@ -221,17 +237,7 @@ impl OciArchiveSource {
         for d in index.manifests() {
             content::check_descriptor(d).map_err(|why| tar.error(format!("index.json: {why}")))?;
         }
-        let root = layout::resolve_ref(index.manifests(), name).map_err(|why| tar.error(why))?;
-        let describe = crate::reference::ImageRef::OciArchive {
-            file: file.to_path_buf(),
-            name: name.map(str::to_string),
-        }
-        .to_string();
-        Ok(OciArchiveSource {
-            tar,
-            root,
-            describe,
-        })
+        Ok((tar, index.manifests().clone()))
     }
 }
 
@@ -320,12 +326,20 @@ impl ImageSink for OciArchiveSink {
     }
 
     fn commit(
-        mut self: Box<Self>,
+        self: Box<Self>,
         root: &Descriptor,
         children: &[(Platform, Descriptor)],
     ) -> Result<(), ImageError> {
-        let refs = layout::refs_for(&self.name, root, children);
-        let manifests: Vec<Descriptor> = refs
+        let image = NamedImage {
+            name: self.name.clone(),
+            root: root.clone(),
+            children: children.to_vec(),
+        };
+        self.commit_named(&[image])
+    }
+
+    fn commit_named(mut self: Box<Self>, images: &[NamedImage]) -> Result<(), ImageError> {
+        let manifests: Vec<Descriptor> = NamedImage::layout_refs(images)
             .iter()
             .map(|(n, d)| layout::with_ref_name(d, n))
             .collect();

@@ -1103,6 +1103,24 @@ fn check_arguments(request: &BuildRequest) -> Result<(), BuildError> {
              (docker://REGISTRY/REPO:TAG), where a rebase can find the run image"
         )));
     }
+    if crate::registry::settings().offline {
+        let on_registry = std::iter::once(("--output", &request.output))
+            .chain(request.tags.iter().map(|t| ("--tag", t)))
+            .chain(request.cache_image.iter().map(|c| ("--cache-image", c)))
+            .chain(
+                request
+                    .previous_image
+                    .iter()
+                    .map(|p| ("--previous-image", p)),
+            )
+            .find(|(_, r)| matches!(r, ImageRef::Registry(_)));
+        if let Some((flag, reference)) = on_registry {
+            return Err(BuildError::Usage(format!(
+                "{flag} {reference}: lathe is --offline and contacts no registry; give an OCI \
+                 layout or archive (oci:DIR[:ref], oci-archive:FILE[:ref]) and copy it later"
+            )));
+        }
+    }
     if request.cache_dir.is_some() && request.cache_image.is_some() {
         return Err(BuildError::Usage(
             "give either --cache-dir or --cache-image, not both".into(),
@@ -1325,7 +1343,9 @@ fn open_run_image(
             (reference, Some((recorded(&image), mirrors)))
         }
     };
-    let source = store.keep_pulled_owned(image::open_source(&reference)?)?;
+    // From the builder's own layout or archive when it holds it (a bundle).
+    let beside = request.builder.as_ref().or(request.build_image.as_ref());
+    let source = store.keep_pulled_owned(image::open_beside(&reference, beside)?)?;
     let what = source.describe();
     let image = image::read_platform_image(source.as_ref(), platform)?;
     let run_platform = &image.platform;

@@ -96,6 +96,10 @@ pub struct GlobalArgs {
         help_heading = "Registry options"
     )]
     pub registry_timeout: u64,
+    /// Contact no registry: an image on one is refused, naming it, before any connection is
+    /// made (build from a bundle: `lathe bundle`; the buildpacks' network is --network's)
+    #[arg(long, global = true, help_heading = "Registry options")]
+    pub offline: bool,
 }
 
 /// Bad arguments found after parsing (exit code 3). The message never quotes a credential.
@@ -122,6 +126,7 @@ impl GlobalArgs {
             .flat_map(|h| registry::settings::parse_host_list(h))
             .collect();
         settings.timeout = std::time::Duration::from_secs(self.registry_timeout);
+        settings.offline = self.offline;
         Ok(settings)
     }
 }
@@ -169,6 +174,22 @@ pub enum Command {
     /// Stitch per-platform images (built on native runners, or by other tools) into an index
     #[command(subcommand)]
     Index(IndexCommand),
+    /// Gather a builder, its run images and more into one OCI layout or archive, for builds
+    /// with no registry (--offline)
+    #[command(
+        long_about = "Gather everything a build needs into one OCI archive (oci-archive:FILE) or \
+                      layout (oci:DIR): the builder, the run images its \
+                      io.buildpacks.builder.metadata label names (not their mirrors) and every \
+                      --run-image, each for the platforms asked (default: the builder's) and \
+                      with only those platforms' blobs, each under its fully qualified reference \
+                      as its ref name (docker.io/library/busybox:latest; an image from a layout \
+                      or archive keeps its ref name). A build with --builder \
+                      oci-archive:FILE:REF takes a run image that the builder's run.toml (or \
+                      --run-image docker://…) names from the same file when it is there, so \
+                      `lathe --offline build` needs no registry. The bundle is written whole or \
+                      not at all."
+    )]
+    Bundle(BundleArgs),
     /// Print a shell completion script
     Completions(CompletionsArgs),
 }
@@ -308,6 +329,26 @@ pub struct BuilderCreateArgs {
     #[arg(long, value_name = "PLATFORM=PATH", value_parser = crate::launcher::parse_launcher_arg)]
     pub launcher: Vec<(Platform, PathBuf)>,
     /// Print the result (digest, platforms, buildpacks) as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BundleArgs {
+    /// The builder (any transport)
+    #[arg(long, value_name = "REF", value_parser = parse_ref)]
+    pub builder: ImageRef,
+    /// Another run image to put in (repeatable)
+    #[arg(long, value_name = "REF", value_parser = parse_ref)]
+    pub run_image: Vec<ImageRef>,
+    /// Only these platforms (os/arch[/variant]; repeatable or comma-separated) [default: every
+    /// platform of the builder]
+    #[arg(long, value_name = "PLATFORM", value_delimiter = ',', value_parser = parse_platform)]
+    pub platform: Vec<Platform>,
+    /// The bundle: oci-archive:FILE or oci:DIR (no ref name: each image has its own)
+    #[arg(long, value_name = "DEST", value_parser = parse_ref)]
+    pub output: ImageRef,
+    /// Print what went in (ref name, digest, platforms, bytes) as JSON on stdout
     #[arg(long)]
     pub json: bool,
 }
@@ -852,6 +893,21 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 eprint!("{}", crate::index::describe(&outcome));
             }
         }
+        Command::Bundle(args) => {
+            let request = crate::bundle::BundleRequest {
+                builder: args.builder,
+                run_images: args.run_image,
+                platforms: args.platform,
+                output: args.output,
+            };
+            let progress = Progress::for_stderr(cli.global.quiet || args.json);
+            let report = crate::bundle::bundle(&request, &progress)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if !cli.global.quiet {
+                eprint!("{}", crate::bundle::describe(&report));
+            }
+        }
         Command::Completions(args) => {
             clap_complete::generate(args.shell, &mut command(), "lathe", &mut std::io::stdout());
         }
@@ -1039,6 +1095,9 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         return e.exit_code();
     }
     if let Some(e) = err.downcast_ref::<crate::index::IndexError>() {
+        return e.exit_code();
+    }
+    if let Some(e) = err.downcast_ref::<crate::bundle::BundleError>() {
         return e.exit_code();
     }
     if err.downcast_ref::<UsageError>().is_some() {

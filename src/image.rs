@@ -3,7 +3,9 @@
 //! go-containerregistry model). [`copy`] moves an image or a whole index between any two.
 //!
 //! Sinks stage what they receive and make it visible only in [`ImageSink::commit`]; an error
-//! anywhere before that leaves the destination as it was.
+//! anywhere before that leaves the destination as it was. A layout or archive sink can also be
+//! given several images and name them all in one [`ImageSink::commit_named`] (`lathe bundle`),
+//! and [`open_beside`] finds a registry image in the bundle a builder comes from.
 //!
 //! [`copy`] first reads every manifest and index it needs, then hands the sink all the blobs
 //! at once (so layout and registry sinks transfer them in parallel), then the manifests,
@@ -164,6 +166,38 @@ pub trait ImageSink {
         root: &Descriptor,
         children: &[(Platform, Descriptor)],
     ) -> Result<(), ImageError>;
+
+    /// Makes several images given to this sink visible at once, each under its own name
+    /// (`lathe bundle`). Only sinks that hold several named images (an OCI layout or archive)
+    /// can; the others refuse before anything is visible.
+    fn commit_named(self: Box<Self>, images: &[NamedImage]) -> Result<(), ImageError> {
+        let names: Vec<&str> = images.iter().map(|i| i.name.as_str()).collect();
+        Err(ImageError::Invalid {
+            what: names.join(", "),
+            why: "this destination holds one image; several named images go into an OCI \
+                  layout (oci:DIR) or archive (oci-archive:FILE)"
+                .into(),
+        })
+    }
+}
+
+/// An image a sink has been given, and the name it gets on commit.
+#[derive(Debug, Clone)]
+pub struct NamedImage {
+    pub name: String,
+    pub root: Descriptor,
+    /// The platform manifests of an index (also named `NAME-os-arch` in a layout).
+    pub children: Vec<(Platform, Descriptor)>,
+}
+
+impl NamedImage {
+    /// The ref names and descriptors a layout or archive index lists for these images.
+    pub(crate) fn layout_refs(images: &[NamedImage]) -> Vec<(String, Descriptor)> {
+        images
+            .iter()
+            .flat_map(|i| layout::refs_for(&i.name, &i.root, &i.children))
+            .collect()
+    }
 }
 
 pub fn open_source(reference: &ImageRef) -> Result<Box<dyn ImageSource>, ImageError> {
@@ -210,6 +244,71 @@ pub fn open_if_exists(reference: &ImageRef) -> Result<Option<Box<dyn ImageSource
         Err(ImageError::Registry(RegistryError::NotFound { .. })) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Opens `reference`. A registry reference is first looked for in the OCI layout or archive
+/// `beside` reads from (a builder's), under its fully qualified name as `lathe bundle` names
+/// images: an image found there needs no registry. With `--offline`, one that is not there is
+/// refused, naming where it was looked for.
+pub fn open_beside(
+    reference: &ImageRef,
+    beside: Option<&ImageRef>,
+) -> Result<Box<dyn ImageSource>, ImageError> {
+    let bundle =
+        beside.filter(|r| matches!(r, ImageRef::Layout { .. } | ImageRef::OciArchive { .. }));
+    let (ImageRef::Registry(wanted), Some(bundle)) = (reference, bundle) else {
+        return open_source(reference);
+    };
+    let name = wanted.to_string();
+    if let Some(found) = named_in_same_layout(bundle, &name)? {
+        tracing::info!("{reference}: taken from {found}");
+        return open_source(&found);
+    }
+    match open_source(reference) {
+        Err(ImageError::Registry(RegistryError::Offline { .. })) => {
+            let layout = match bundle {
+                ImageRef::Layout { dir, .. } => format!("oci:{}", dir.display()),
+                ImageRef::OciArchive { file, .. } => format!("oci-archive:{}", file.display()),
+                other => other.to_string(),
+            };
+            Err(ImageError::Invalid {
+                what: reference.to_string(),
+                why: format!(
+                    "{layout} holds no image named {name:?}, and lathe is --offline (no \
+                     registry was contacted); put it into the bundle (lathe bundle)"
+                ),
+            })
+        }
+        opened => opened,
+    }
+}
+
+/// The image named `name` in the OCI layout or archive that `reference` reads from (whatever
+/// ref name `reference` itself gives), if that layout or archive holds an image by that name;
+/// `None` for other transports. A build from a bundle finds its run image this way.
+fn named_in_same_layout(reference: &ImageRef, name: &str) -> Result<Option<ImageRef>, ImageError> {
+    let named = Some(name.to_string());
+    let (entries, found) = match reference {
+        ImageRef::Layout { dir, .. } => (
+            Layout::open(dir)?.index_entries()?,
+            ImageRef::Layout {
+                dir: dir.clone(),
+                name: named,
+            },
+        ),
+        ImageRef::OciArchive { file, .. } => (
+            OciArchiveSource::read_index(file)?.1,
+            ImageRef::OciArchive {
+                file: file.clone(),
+                name: named,
+            },
+        ),
+        ImageRef::Registry(_) | ImageRef::DockerArchive { .. } => return Ok(None),
+    };
+    let holds = entries
+        .iter()
+        .any(|entry| layout::ref_name(entry).as_deref() == Some(name));
+    Ok(holds.then_some(found))
 }
 
 pub fn open_sink(reference: &ImageRef) -> Result<Box<dyn ImageSink>, ImageError> {
@@ -404,9 +503,15 @@ impl ImageSink for LayoutSink {
         root: &Descriptor,
         children: &[(Platform, Descriptor)],
     ) -> Result<(), ImageError> {
-        Ok(self
-            .tx
-            .commit(&layout::refs_for(&self.name, root, children))?)
+        let image = NamedImage {
+            name: self.name.clone(),
+            root: root.clone(),
+            children: children.to_vec(),
+        };
+        self.commit_named(&[image])
+    }
+    fn commit_named(self: Box<Self>, images: &[NamedImage]) -> Result<(), ImageError> {
+        Ok(self.tx.commit(&NamedImage::layout_refs(images))?)
     }
 }
 
@@ -740,14 +845,8 @@ pub fn copy_from_source(
         single_image: matches!(dst, ImageRef::DockerArchive { .. }),
     };
     let resolved = resolve_selection(source, &selection)?;
-    let plan = Plan::of(source, &resolved)?;
     let mut sink = open_sink(dst)?;
-    let mut transferred = sink.put_blobs(source, &plan.blobs, progress)?;
-    for (desc, bytes) in &plan.manifests {
-        if sink.put_manifest(desc, bytes)? {
-            transferred.add(desc);
-        }
-    }
+    let (transferred, _) = put_resolved(source, &resolved, sink.as_mut(), progress)?;
     sink.commit(&resolved.root, &resolved.children)?;
     Ok(CopyReport {
         digest: resolved.root.digest().to_string(),
@@ -761,6 +860,28 @@ pub fn copy_from_source(
         bytes_copied: transferred.bytes,
         note: resolved.note,
     })
+}
+
+/// Gives `sink` every blob and manifest of the `resolved` image of `source` (configs and
+/// layers first, then manifests, children before the index), without committing: what was
+/// written, and the image's whole size (every blob and manifest it is made of, written or
+/// already there).
+pub fn put_resolved(
+    source: &dyn ImageSource,
+    resolved: &Resolved,
+    sink: &mut dyn ImageSink,
+    progress: &Progress,
+) -> Result<(Transferred, u64), ImageError> {
+    let plan = Plan::of(source, resolved)?;
+    let mut transferred = sink.put_blobs(source, &plan.blobs, progress)?;
+    for (desc, bytes) in &plan.manifests {
+        if sink.put_manifest(desc, bytes)? {
+            transferred.add(desc);
+        }
+    }
+    let size = plan.blobs.iter().map(Descriptor::size).sum::<u64>()
+        + plan.manifests.iter().map(|(d, _)| d.size()).sum::<u64>();
+    Ok((transferred, size))
 }
 
 /// What a copy writes: the configs and layers, and the manifests and indexes with their

@@ -7,6 +7,7 @@
 pub mod archive;
 pub mod assembly;
 pub mod build;
+pub mod bundle;
 pub mod cache;
 pub mod cli;
 pub mod content;

@@ -195,6 +195,9 @@ impl Registry {
         scopes: Vec<String>,
         settings: &Settings,
     ) -> Result<Registry, RegistryError> {
+        if settings.offline {
+            return Err(RegistryError::Offline { what: name.into() });
+        }
         let api_host = if host == crate::reference::DEFAULT_REGISTRY {
             "registry-1.docker.io"
         } else {

@@ -11,7 +11,9 @@
 //!   headers marked sensitive, and never put in an error.
 //! - [`authfile`]: docker config.json and containers auth.json (`auths`, `credHelpers`,
 //!   `credsStore`) and the `docker-credential-*` helpers they name.
-//! - [`client`]: one registry host: https with http fallback for loopback and insecure
+//! - [`client`]: one registry host (refused before any connection, credential lookup or
+//!   helper when `--offline` is set: [`client::Registry::connect`] is the one place lathe
+//!   reaches a registry from): https with http fallback for loopback and insecure
 //!   registries, retries with backoff on 5xx, 429 and dropped connections for the steps that
 //!   may be repeated, and the distribution calls (manifests with their digests verified,
 //!   resumable blob downloads, blob uploads by HEAD-skip, cross-repository mount, monolithic
@@ -52,4 +54,10 @@ pub enum RegistryError {
     /// A registry flag, credential file or certificate is unusable.
     #[error("{what}: {why}")]
     Config { what: String, why: String },
+    /// `--offline` is given and this image is on a registry; nothing was sent.
+    #[error(
+        "{what}: lathe is --offline and this image is on a registry (no connection was made); \
+         give it from an OCI layout or archive (`lathe bundle` gathers a build's images into one)"
+    )]
+    Offline { what: String },
 }

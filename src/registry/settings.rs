@@ -1,5 +1,5 @@
 //! The registry options of one lathe process: the global flags and environment variables of
-//! `cli-conventions.md`. The CLI sets them once with [`configure`]; library callers that never
+//! `cli-conventions.md`, and `--offline`. The CLI sets them once with [`configure`]; library callers that never
 //! do get [`Settings::from_env`].
 
 use std::fmt;
@@ -31,6 +31,8 @@ pub struct Settings {
     pub insecure: Vec<String>,
     /// `--registry-timeout SECONDS`.
     pub timeout: Duration,
+    /// `--offline`: every registry connection is refused before it is made.
+    pub offline: bool,
 }
 
 impl fmt::Debug for Settings {
@@ -46,6 +48,7 @@ impl fmt::Debug for Settings {
             .field("certs_dirs", &self.certs_dirs)
             .field("insecure", &self.insecure)
             .field("timeout", &self.timeout)
+            .field("offline", &self.offline)
             .finish()
     }
 }
@@ -66,6 +69,7 @@ impl Settings {
                 .map(|v| parse_host_list(&v))
                 .unwrap_or_default(),
             timeout: DEFAULT_TIMEOUT,
+            offline: false,
         }
     }
 
