@@ -17,8 +17,9 @@ use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest, MediaType};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::attachments::Attachment;
 use crate::content::{self, Compression, HashingWriter, VerifyingReader};
-use crate::image::{ImageError, ImageSink, ImageSource};
+use crate::image::{self, ImageError, ImageSink, ImageSource};
 use crate::layer::{self, NORMALIZED_MTIME};
 use crate::layout;
 use crate::platform::Platform;
@@ -196,6 +197,8 @@ impl Read for RangeReader {
 pub struct OciArchiveSource {
     tar: TarIndex,
     root: Descriptor,
+    /// The entries of its `index.json`.
+    entries: Vec<Descriptor>,
     describe: String,
 }
 
@@ -230,6 +233,7 @@ impl OciArchiveSource {
         Ok(OciArchiveSource {
             tar,
             root,
+            entries: index.manifests().clone(),
             describe,
         })
     }
@@ -267,6 +271,20 @@ impl ImageSource for OciArchiveSource {
             self.describe.clone(),
         )))
     }
+
+    fn tagged(&self, tag: &str) -> Result<Option<(Descriptor, Vec<u8>)>, ImageError> {
+        match layout::find_ref(&self.entries, tag) {
+            Some(desc) => {
+                let bytes = self.read_blob(&desc)?;
+                Ok(Some((desc, bytes)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn layout_entries(&self) -> Result<Option<Vec<Descriptor>>, ImageError> {
+        Ok(Some(self.entries.clone()))
+    }
 }
 
 /// Writes an oci-archive: blobs stream into a temp file as they come; `index.json` last.
@@ -275,6 +293,7 @@ pub struct OciArchiveSink {
     name: String,
     tar: tar::Builder<BufWriter<tempfile::NamedTempFile>>,
     written: BTreeSet<String>,
+    attachments: Vec<Attachment>,
 }
 
 impl OciArchiveSink {
@@ -292,6 +311,7 @@ impl OciArchiveSink {
             name: name.unwrap_or(crate::reference::DEFAULT_TAG).to_string(),
             tar,
             written: BTreeSet::new(),
+            attachments: vec![],
         })
     }
 }
@@ -319,15 +339,26 @@ impl ImageSink for OciArchiveSink {
             })
     }
 
+    fn keeps_attachments(&self) -> bool {
+        true
+    }
+
+    fn attach(&mut self, attachments: &[Attachment]) -> Result<(), ImageError> {
+        self.attachments.extend_from_slice(attachments);
+        Ok(())
+    }
+
     fn commit(
         mut self: Box<Self>,
         root: &Descriptor,
         children: &[(Platform, Descriptor)],
     ) -> Result<(), ImageError> {
-        let refs = layout::refs_for(&self.name, root, children);
+        let (refs, unnamed) =
+            image::layout_entries_for(&self.name, root, children, &self.attachments);
         let manifests: Vec<Descriptor> = refs
             .iter()
             .map(|(n, d)| layout::with_ref_name(d, n))
+            .chain(unnamed)
             .collect();
         let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
         let wrap =
