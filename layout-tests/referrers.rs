@@ -3,7 +3,10 @@
 //! index in an OCI layout, go to Debian's docker-registry (which has no referrers API, so the
 //! `sha256-<hex>` fallback tags are kept), from there to an oci-archive and back to another
 //! repository, with the same digests everywhere, as skopeo and raw HTTP GETs see them.
-//! `--no-attachments` carries none, and a copy of some platforms carries only theirs.
+//! `--no-attachments` carries none, and a copy of some platforms carries only theirs. Debian
+//! has no registry with the referrers API, so a proxy gives docker-registry one (answered, a
+//! page at a time, from the fallback tags it then hides) to check that lathe reads through
+//! the API and keeps no fallback tags where the API is.
 
 mod common;
 #[path = "common/registry.rs"]
@@ -13,6 +16,7 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use common::*;
 use lathe::attachments::referrer_descriptor;
@@ -609,5 +613,193 @@ fn a_copy_of_some_platforms_carries_only_their_attachments() {
             .as_str()
             .is_some_and(|n| n.contains("1 attachments") && n.contains("holds images only")),
         "{report}"
+    );
+}
+
+/// docker-registry on `upstream` with the OCI referrers API in front of it, behaving as a
+/// registry that has the API: `GET /v2/<repo>/referrers/<digest>` is answered one descriptor a
+/// page, with `Link: rel="next"`, from what the registry keeps under the fallback tag, and the
+/// fallback tags themselves are hidden (such a registry keeps none). Everything else is
+/// relayed. Returns the server and the referrers requests it answered.
+fn referrers_api_proxy(upstream: u16) -> (Server, Arc<Mutex<Vec<String>>>) {
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let log = asked.clone();
+    let server = Server::start(move |req, conn| {
+        let path = req.path().to_string();
+        if req.method == "GET"
+            && let Some((repo, subject)) = path
+                .strip_prefix("/v2/")
+                .and_then(|p| p.split_once("/referrers/"))
+        {
+            log.lock().unwrap().push(req.target.clone());
+            let fallback = Request {
+                method: "GET".into(),
+                target: format!("/v2/{repo}/manifests/sha256-{}", hex(subject)),
+                headers: vec![
+                    ("Host".into(), format!("127.0.0.1:{upstream}")),
+                    ("Accept".into(), OCI_INDEX.into()),
+                ],
+                body: vec![],
+            };
+            let (head, body) = forward(upstream, &fallback).unwrap();
+            let listed: Vec<Value> = match head.split_whitespace().nth(1) {
+                Some("200") => {
+                    let index: Value = serde_json::from_slice(&body).unwrap();
+                    index["manifests"].as_array().unwrap().clone()
+                }
+                Some("404") => vec![],
+                _ => panic!("the registry answered {head}"),
+            };
+            let page: usize = req.query("page").first().map_or(0, |p| p.parse().unwrap());
+            let mut headers = vec![("Content-Type", OCI_INDEX.to_string())];
+            if page + 1 < listed.len() {
+                headers.push((
+                    "Link",
+                    format!(
+                        "</v2/{repo}/referrers/{subject}?page={}>; rel=\"next\"",
+                        page + 1
+                    ),
+                ));
+            }
+            let answer = json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": listed.get(page).into_iter().collect::<Vec<_>>()
+            });
+            write_response(
+                conn,
+                "200 OK",
+                &headers,
+                &serde_json::to_vec(&answer).unwrap(),
+            );
+            return;
+        }
+        let is_fallback_tag = path.rsplit_once("/manifests/").is_some_and(|(_, tag)| {
+            tag.strip_prefix("sha256-")
+                .is_some_and(|h| h.len() == 64 && !h.contains('.'))
+        });
+        if is_fallback_tag && (req.method == "GET" || req.method == "HEAD") {
+            let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#;
+            write_response(conn, "404 Not Found", &[], body);
+            return;
+        }
+        let Some((head, body)) = forward(upstream, &req) else {
+            return;
+        };
+        let mut out = head
+            .lines()
+            .filter(|l| {
+                let l = l.to_ascii_lowercase();
+                !l.starts_with("content-length:") && !l.starts_with("connection:")
+            })
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        out += &format!(
+            "\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(out.as_bytes());
+        if req.method != "HEAD" {
+            let _ = conn.write_all(&body);
+        }
+    });
+    (server, asked)
+}
+
+#[test]
+fn a_registry_with_the_referrers_api_is_read_through_it_and_gets_no_fallback_tags() {
+    let reg = TestRegistry::start(RegistryConfig::default());
+    let host = reg.host();
+    let (proxy, asked) = referrers_api_proxy(reg.port);
+    let api_host = format!("127.0.0.1:{}", proxy.port);
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    let a = attached_layout(&src);
+    // A second referrer of the index, so that the API lists it in two pages.
+    let mut w = Writer {
+        tx: Transaction::begin(&src).unwrap(),
+    };
+    let attestation = w.referrer(
+        &entry(&index_json(&src), "run"),
+        IN_TOTO,
+        r#"{"_type":"https://in-toto.io/Statement/v1"}"#,
+    );
+    w.tx.commit_with_unnamed(&[], std::slice::from_ref(&attestation))
+        .unwrap();
+    let everything = BTreeSet::from([
+        (a.signature.clone(), a.root.clone(), sig_tag(&a.root)),
+        (a.sbom.clone(), a.root.clone(), String::new()),
+        (
+            attestation.digest().to_string(),
+            a.root.clone(),
+            String::new(),
+        ),
+        (a.sbom_signature.clone(), a.sbom.clone(), sig_tag(&a.sbom)),
+        (a.amd64_sbom.clone(), a.amd64.clone(), String::new()),
+        (a.arm64_sbom.clone(), a.arm64.clone(), String::new()),
+    ]);
+
+    // Pushed to the registry itself (no API): fallback tags.
+    lathe_ok(&["copy", &a.reference, &format!("docker://{host}/a:v1")]);
+    assert_eq!(fallback_listing(&host, "a", &a.root).len(), 2);
+
+    // Pulled through the API, with the fallback tags hidden: lathe finds every referrer there.
+    let pulled = tmp.path().join("pulled");
+    let out = lathe_ok(&[
+        "copy",
+        "--json",
+        &format!("docker://{api_host}/a:v1"),
+        &format!("oci:{}:run", pulled.display()),
+    ]);
+    assert_eq!(
+        carried(&json_of(&out)),
+        everything,
+        "asked: {:?}",
+        asked.lock().unwrap()
+    );
+    let asked_for_root: Vec<String> = asked
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| t.contains(&a.root))
+        .cloned()
+        .collect();
+    assert!(
+        asked_for_root.iter().any(|t| t.ends_with("?page=1")),
+        "the second page was followed: {asked_for_root:?}"
+    );
+
+    // Pushed where the API is: referrers by digest and cosign tags, but no fallback tag.
+    asked.lock().unwrap().clear();
+    let out = lathe_ok(&[
+        "copy",
+        "--json",
+        &format!("oci:{}:run", pulled.display()),
+        &format!("docker://{api_host}/e:v1"),
+    ]);
+    assert_eq!(carried(&json_of(&out)), everything);
+    assert!(
+        !asked.lock().unwrap().is_empty(),
+        "lathe asked whether the registry has the API"
+    );
+    for subject in [&a.root, &a.amd64, &a.arm64, &a.sbom] {
+        let tag = format!("sha256-{}", hex(subject));
+        assert_eq!(get_manifest(&host, "e", &tag), None, "e:{tag}");
+    }
+    for digest in [
+        &a.sbom,
+        &a.amd64_sbom,
+        &a.arm64_sbom,
+        attestation.digest().as_ref(),
+    ] {
+        assert_eq!(
+            get_manifest(&host, "e", digest).map(|(d, _)| d).as_deref(),
+            Some(digest),
+            "e@{digest}"
+        );
+    }
+    assert_eq!(
+        get_manifest(&host, "e", &sig_tag(&a.root)).map(|(d, _)| d),
+        Some(a.signature.clone())
     );
 }

@@ -201,11 +201,14 @@ pub fn discover(source: &dyn ImageSource, subjects: &[Digest]) -> Result<Found, 
     Ok(found)
 }
 
+/// Manifests with a `subject`, with their bytes, by that subject's digest.
+type BySubject = BTreeMap<String, Vec<(Descriptor, Vec<u8>)>>;
+
 struct Finder<'a> {
     source: &'a dyn ImageSource,
     /// For a layout or oci-archive: every manifest reachable from `index.json` that has a
     /// `subject`, by that subject's digest (read once, on first use).
-    by_subject: Option<BTreeMap<String, Vec<(Descriptor, Vec<u8>)>>>,
+    by_subject: Option<BySubject>,
 }
 
 impl Finder<'_> {
@@ -308,11 +311,8 @@ impl Finder<'_> {
 /// Every manifest and index reachable from `entries` that has a `subject`, by its subject.
 /// One that cannot be read is left out with a warning: it belongs to another image of the
 /// layout, and the image being copied is read (and checked) on its own.
-fn manifests_by_subject(
-    source: &dyn ImageSource,
-    entries: Vec<Descriptor>,
-) -> BTreeMap<String, Vec<(Descriptor, Vec<u8>)>> {
-    let mut map: BTreeMap<String, Vec<(Descriptor, Vec<u8>)>> = BTreeMap::new();
+fn manifests_by_subject(source: &dyn ImageSource, entries: Vec<Descriptor>) -> BySubject {
+    let mut map = BySubject::new();
     let mut seen = BTreeSet::new();
     let mut pending = entries;
     while let Some(desc) = pending.pop() {

@@ -5,9 +5,10 @@
 //! Sinks stage what they receive and make it visible only in [`ImageSink::commit`]; an error
 //! anywhere before that leaves the destination as it was.
 //!
-//! [`copy`] first reads every manifest and index it needs, then hands the sink all the blobs
-//! at once (so layout and registry sinks transfer them in parallel), then the manifests,
-//! children before the index that names them, and commits last.
+//! [`copy`] first reads every manifest and index it needs, and what is attached to them
+//! ([`crate::attachments`]), then hands the sink all the blobs at once (so layout and registry
+//! sinks transfer them in parallel), then the manifests, children before the index that names
+//! them and attachments after their subjects, and commits last.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read};

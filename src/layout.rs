@@ -822,6 +822,44 @@ mod tests {
     }
 
     #[test]
+    fn attachments_are_not_images_of_their_own() {
+        let d = |c: char| {
+            Descriptor::new(
+                MediaType::ImageManifest,
+                1,
+                content::parse_sha256(&format!("sha256:{}", c.to_string().repeat(64))).unwrap(),
+            )
+        };
+        let image = with_ref_name(&d('a'), "app");
+        let signature = with_ref_name(&d('b'), &format!("sha256-{}.sig", "a".repeat(64)));
+        let mut referrer = d('c');
+        referrer.set_artifact_type(Some(MediaType::from("application/spdx+json")));
+        let entries = [image.clone(), signature, referrer];
+        assert_eq!(
+            resolve_ref(&entries, None).unwrap().digest(),
+            image.digest()
+        );
+        // An unnamed entry without an artifactType is an image, as before.
+        let err = resolve_ref(&[image, d('d')], None).unwrap_err();
+        assert!(err.contains("more than one image"), "{err}");
+    }
+
+    #[test]
+    fn unnamed_entries_are_replaced_by_digest_not_repeated() {
+        let tmp = dir();
+        let target = tmp.path().join("layout");
+        for _ in 0..2 {
+            let mut tx = Transaction::begin(&target).unwrap();
+            let image = tx.write_bytes(b"{}", MediaType::ImageConfig).unwrap();
+            let referrer = tx.write_bytes(b"[2]", MediaType::ImageConfig).unwrap();
+            tx.commit_with_unnamed(&[("a".into(), image)], &[referrer])
+                .unwrap();
+        }
+        let entries = Layout::open(&target).unwrap().index_entries().unwrap();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+    }
+
+    #[test]
     fn dropped_transaction_leaves_nothing() {
         let tmp = dir();
         let target = tmp.path().join("layout");
