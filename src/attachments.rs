@@ -30,6 +30,10 @@ pub const COSIGN_SUFFIXES: [&str; 3] = ["sig", "att", "sbom"];
 /// How many levels of attachments of attachments are followed.
 pub const MAX_DEPTH: usize = 8;
 
+/// The most attachments one copy carries; a source listing more is refused rather than
+/// followed (a hostile list could name any number of manifests to fetch).
+pub const MAX_ATTACHMENTS: usize = 1000;
+
 /// The OCI image index media type, the type of a fallback tag's index.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
@@ -193,6 +197,9 @@ pub fn discover(source: &dyn ImageSource, subjects: &[Digest]) -> Result<Found, 
                     next.push(digest);
                 }
                 found.attachments.push(attachment);
+                if found.attachments.len() > MAX_ATTACHMENTS {
+                    return Err(too_many(source));
+                }
             }
         }
         level = next;
@@ -203,6 +210,15 @@ pub fn discover(source: &dyn ImageSource, subjects: &[Digest]) -> Result<Found, 
 
 /// Manifests with a `subject`, with their bytes, by that subject's digest.
 type BySubject = BTreeMap<String, Vec<(Descriptor, Vec<u8>)>>;
+
+fn too_many(source: &dyn ImageSource) -> ImageError {
+    ImageError::Invalid {
+        what: source.describe(),
+        why: format!(
+            "more than {MAX_ATTACHMENTS} attachments; lathe does not follow that many (--no-attachments copies the image without them)"
+        ),
+    }
+}
 
 struct Finder<'a> {
     source: &'a dyn ImageSource,
@@ -234,12 +250,13 @@ impl Finder<'_> {
                 );
             }
         }
-        let mut out = Vec::new();
         let mut seen = BTreeSet::new();
+        listed.retain(|(desc, _)| seen.insert(desc.digest().to_string()));
+        if listed.len() > MAX_ATTACHMENTS {
+            return Err(too_many(source));
+        }
+        let mut out = Vec::new();
         for (desc, bytes) in listed {
-            if !seen.insert(desc.digest().to_string()) {
-                continue;
-            }
             if content::kind_of(desc.media_type()) == Kind::Other {
                 tracing::warn!(
                     "{what}: referrer {} of {subject} is a {}, not a manifest or index; skipped",
@@ -381,7 +398,144 @@ pub fn merge_fallback_index(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+    use std::io::Read;
+
     use super::*;
+
+    /// Manifests in memory, with tags.
+    #[derive(Default)]
+    struct Memory {
+        blobs: HashMap<String, Vec<u8>>,
+        tags: HashMap<String, Descriptor>,
+    }
+
+    impl Memory {
+        fn add(&mut self, value: &Value) -> Descriptor {
+            let bytes = content::canonical_json(value);
+            let media_type = value["mediaType"].as_str().unwrap();
+            let desc = Descriptor::new(
+                MediaType::from(media_type),
+                bytes.len() as u64,
+                content::sha256_digest(&bytes),
+            );
+            self.blobs.insert(desc.digest().to_string(), bytes);
+            desc
+        }
+
+        /// A referrer of `subject` (told apart by `n`).
+        fn referrer_of(&mut self, subject: &Descriptor, n: usize) -> Descriptor {
+            let config = json!({"mediaType": "application/vnd.oci.empty.v1+json", "size": 2,
+                "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"});
+            self.add(&json!({
+                "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "artifactType": "application/example", "config": config, "layers": [],
+                "annotations": {"n": n.to_string()},
+                "subject": {"mediaType": subject.media_type().to_string(),
+                    "digest": subject.digest().to_string(), "size": subject.size()}
+            }))
+        }
+
+        /// Lists `referrers` in `subject`'s fallback tag.
+        fn list(&mut self, subject: &Descriptor, referrers: &[Descriptor]) {
+            let index = self.add(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                "manifests": referrers}));
+            self.tags.insert(fallback_tag(subject.digest()), index);
+        }
+    }
+
+    impl ImageSource for Memory {
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+        fn root(&self) -> Descriptor {
+            Descriptor::new(MediaType::ImageManifest, 0, content::sha256_digest(b""))
+        }
+        fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send + '_>, ImageError> {
+            Ok(Box::new(std::io::Cursor::new(
+                self.blobs[&desc.digest().to_string()].clone(),
+            )))
+        }
+        fn tagged(&self, tag: &str) -> Result<Option<(Descriptor, Vec<u8>)>, ImageError> {
+            Ok(self
+                .tags
+                .get(tag)
+                .map(|d| (d.clone(), self.blobs[&d.digest().to_string()].clone())))
+        }
+    }
+
+    fn image(memory: &mut Memory, name: &str) -> Descriptor {
+        memory.add(&json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "annotations": {"name": name},
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2,
+                "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"},
+            "layers": []}))
+    }
+
+    #[test]
+    fn attachments_of_attachments_are_followed_down_to_the_bound() {
+        let mut memory = Memory::default();
+        let root = image(&mut memory, "root");
+        let mut chain = vec![root.clone()];
+        for n in 0..MAX_DEPTH + 2 {
+            let subject = chain.last().unwrap().clone();
+            let next = memory.referrer_of(&subject, n);
+            memory.list(&subject, std::slice::from_ref(&next));
+            chain.push(next);
+        }
+        let found = discover(&memory, std::slice::from_ref(root.digest())).unwrap();
+        let digests: Vec<String> = found
+            .attachments
+            .iter()
+            .map(|a| a.descriptor.digest().to_string())
+            .collect();
+        let expected: Vec<String> = chain[1..=MAX_DEPTH]
+            .iter()
+            .map(|d| d.digest().to_string())
+            .collect();
+        assert_eq!(
+            digests, expected,
+            "subjects before what is attached to them"
+        );
+        assert!(
+            found
+                .note
+                .unwrap()
+                .contains("levels deep were not followed")
+        );
+        for (attachment, subject) in found.attachments.iter().zip(&chain) {
+            assert_eq!(&attachment.subject, subject.digest());
+            assert_eq!(attachment.link, Link::Referrer);
+        }
+    }
+
+    #[test]
+    fn a_listed_manifest_whose_subject_is_another_is_not_carried() {
+        let mut memory = Memory::default();
+        let root = image(&mut memory, "root");
+        let other = image(&mut memory, "other");
+        let real = memory.referrer_of(&root, 0);
+        let stray = memory.referrer_of(&other, 1);
+        // The root's fallback tag also lists a referrer of something else.
+        memory.list(&root, &[real.clone(), stray]);
+        let found = discover(&memory, std::slice::from_ref(root.digest())).unwrap();
+        assert_eq!(found.attachments.len(), 1);
+        assert_eq!(found.attachments[0].descriptor.digest(), real.digest());
+    }
+
+    #[test]
+    fn too_many_attachments_are_refused() {
+        let mut memory = Memory::default();
+        let root = image(&mut memory, "root");
+        let many: Vec<Descriptor> = (0..=MAX_ATTACHMENTS)
+            .map(|n| memory.referrer_of(&root, n))
+            .collect();
+        memory.list(&root, &many);
+        let err = discover(&memory, std::slice::from_ref(root.digest()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than 1000 attachments"), "{err}");
+    }
 
     fn digest(c: char) -> Digest {
         content::parse_sha256(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
