@@ -1,9 +1,13 @@
 //! The registry as an image source and an image sink.
 //!
 //! The sink writes nothing visible until [`ImageSink::commit`]: blobs (invisible until a
-//! manifest names them) go up in parallel, child manifests are pushed by digest, and only
-//! then is the root pushed under its tag. A push that fails anywhere before that leaves the
-//! tag as it was.
+//! manifest names them) go up in parallel, child manifests are pushed by digest, then (when
+//! the image has attachments) the root by digest, the attachments' manifests, their cosign
+//! tags and, on a registry without the referrers API, the fallback tags; only then is the root
+//! pushed under its tag. A push that fails anywhere before that leaves the tag as it was.
+//!
+//! As a source, it answers the attachment lookups: other tags of its repository, and the
+//! referrers API where the registry has it.
 
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
