@@ -17,8 +17,9 @@ use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest, MediaType};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::attachments::Attachment;
 use crate::content::{self, Compression, HashingWriter, VerifyingReader};
-use crate::image::{ImageError, ImageSink, ImageSource, NamedImage};
+use crate::image::{self, ImageError, ImageSink, ImageSource, NamedImage};
 use crate::layer::{self, NORMALIZED_MTIME};
 use crate::layout;
 use crate::platform::Platform;
@@ -196,6 +197,8 @@ impl Read for RangeReader {
 pub struct OciArchiveSource {
     tar: TarIndex,
     root: Descriptor,
+    /// The entries of its `index.json`.
+    entries: Vec<Descriptor>,
     describe: String,
 }
 
@@ -211,6 +214,7 @@ impl OciArchiveSource {
         Ok(OciArchiveSource {
             tar,
             root,
+            entries,
             describe,
         })
     }
@@ -273,6 +277,20 @@ impl ImageSource for OciArchiveSource {
             self.describe.clone(),
         )))
     }
+
+    fn tagged(&self, tag: &str) -> Result<Option<(Descriptor, Vec<u8>)>, ImageError> {
+        match layout::find_ref(&self.entries, tag) {
+            Some(desc) => {
+                let bytes = self.read_blob(&desc)?;
+                Ok(Some((desc, bytes)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn layout_entries(&self) -> Result<Option<Vec<Descriptor>>, ImageError> {
+        Ok(Some(self.entries.clone()))
+    }
 }
 
 /// Writes an oci-archive: blobs stream into a temp file as they come; `index.json` last.
@@ -281,6 +299,7 @@ pub struct OciArchiveSink {
     name: String,
     tar: tar::Builder<BufWriter<tempfile::NamedTempFile>>,
     written: BTreeSet<String>,
+    attachments: Vec<Attachment>,
 }
 
 impl OciArchiveSink {
@@ -298,6 +317,7 @@ impl OciArchiveSink {
             name: name.unwrap_or(crate::reference::DEFAULT_TAG).to_string(),
             tar,
             written: BTreeSet::new(),
+            attachments: vec![],
         })
     }
 }
@@ -325,6 +345,15 @@ impl ImageSink for OciArchiveSink {
             })
     }
 
+    fn keeps_attachments(&self) -> bool {
+        true
+    }
+
+    fn attach(&mut self, attachments: &[Attachment]) -> Result<(), ImageError> {
+        self.attachments.extend_from_slice(attachments);
+        Ok(())
+    }
+
     fn commit(
         self: Box<Self>,
         root: &Descriptor,
@@ -339,9 +368,11 @@ impl ImageSink for OciArchiveSink {
     }
 
     fn commit_named(mut self: Box<Self>, images: &[NamedImage]) -> Result<(), ImageError> {
-        let manifests: Vec<Descriptor> = NamedImage::layout_refs(images)
+        let (refs, unnamed) = image::layout_entries_for(images, &self.attachments);
+        let manifests: Vec<Descriptor> = refs
             .iter()
             .map(|(n, d)| layout::with_ref_name(d, n))
+            .chain(unnamed)
             .collect();
         let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
         let wrap =

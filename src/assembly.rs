@@ -306,7 +306,11 @@ impl Assembly {
         output: &ImageRef,
         progress: &Progress,
     ) -> Result<image::CopyReport, ImageError> {
-        image::copy_from_source(self, output, &[], progress)
+        let options = image::CopyOptions {
+            platforms: vec![],
+            attachments: false,
+        };
+        image::copy_from_source(self, output, &options, progress)
     }
 }
 

@@ -14,6 +14,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::attachments::Attachment;
 use crate::build::recorded_name;
 use crate::content::{self, Kind};
 use crate::distribution;
@@ -68,6 +69,8 @@ pub struct BundledImage {
     pub platforms: Vec<String>,
     /// The size of every blob and manifest the image is made of.
     pub bytes: u64,
+    /// What was attached to it (signatures, attestations, SBOMs) and went with it.
+    pub attachments: Vec<crate::attachments::AttachmentReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +80,7 @@ pub struct BundleReport {
     /// Blobs and bytes written (a blob several images share is written once).
     pub blobs_written: usize,
     pub bytes_written: u64,
+    pub notes: Vec<String>,
 }
 
 /// An image chosen for the bundle, before anything is written.
@@ -160,11 +164,17 @@ pub fn bundle(request: &BundleRequest, progress: &Progress) -> Result<BundleRepo
     let mut written = Transferred::default();
     let mut images = Vec::new();
     let mut named = Vec::new();
+    let mut notes = Vec::new();
     for c in &chosen {
-        let (transferred, bytes) =
-            image::put_resolved(c.source.as_ref(), &c.resolved, sink.as_mut(), progress)?;
-        written.blobs += transferred.blobs;
-        written.bytes += transferred.bytes;
+        let put = image::put_resolved(
+            c.source.as_ref(),
+            &c.resolved,
+            sink.as_mut(),
+            true,
+            progress,
+        )?;
+        written.blobs += put.transferred.blobs;
+        written.bytes += put.transferred.bytes;
         images.push(BundledImage {
             name: c.name.clone(),
             role: c.role,
@@ -175,8 +185,10 @@ pub fn bundle(request: &BundleRequest, progress: &Progress) -> Result<BundleRepo
                 .iter()
                 .map(Platform::to_string)
                 .collect(),
-            bytes,
+            bytes: put.size,
+            attachments: put.carried.iter().map(Attachment::report).collect(),
         });
+        notes.extend(put.notes);
         named.push(NamedImage {
             name: c.name.clone(),
             root: c.resolved.root.clone(),
@@ -189,6 +201,7 @@ pub fn bundle(request: &BundleRequest, progress: &Progress) -> Result<BundleRepo
         images,
         blobs_written: written.blobs,
         bytes_written: written.bytes,
+        notes,
     })
 }
 
@@ -204,13 +217,17 @@ pub fn describe(report: &BundleReport) -> String {
     for i in &report.images {
         let _ = writeln!(
             text,
-            "  {} ({}): {} for {}, {} bytes",
+            "  {} ({}): {} for {}, {} bytes, {} attachments",
             i.name,
             i.role,
             i.digest,
             i.platforms.join(", "),
-            i.bytes
+            i.bytes,
+            i.attachments.len()
         );
+    }
+    for note in &report.notes {
+        let _ = writeln!(text, "note: {note}");
     }
     text
 }

@@ -587,7 +587,12 @@ pub struct CopyArgs {
     pub destination: ImageRef,
     #[command(flatten)]
     pub platforms: PlatformArgs,
-    /// Print the result (digest, platforms) as JSON on stdout
+    /// Copy the image alone, without what is attached to it (signatures, attestations and
+    /// SBOMs: OCI referrers and cosign's sha256-<digest>.sig/.att/.sbom tags), which is
+    /// copied by default
+    #[arg(long)]
+    pub no_attachments: bool,
+    /// Print the result (digest, platforms, attachments) as JSON on stdout
     #[arg(long)]
     pub json: bool,
 }
@@ -690,10 +695,14 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     registry::configure(cli.global.registry_settings()?);
     match cli.command {
         Command::Copy(args) => {
+            let options = image::CopyOptions {
+                platforms: args.platforms.platform.clone(),
+                attachments: !args.no_attachments,
+            };
             let report = image::copy_with_progress(
                 &args.source,
                 &args.destination,
-                &args.platforms.platform,
+                &options,
                 &Progress::for_stderr(cli.global.quiet),
             )?;
             if let Some(note) = &report.note
@@ -705,12 +714,13 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if !cli.global.quiet {
                 eprintln!(
-                    "Copied {} to {}: {} ({} blobs, {} bytes written)",
+                    "Copied {} to {}: {} ({} blobs, {} bytes written; {} attachments)",
                     args.source,
                     args.destination,
                     report.digest,
                     report.blobs_copied,
-                    report.bytes_copied
+                    report.bytes_copied,
+                    report.attachments.len()
                 );
             }
         }

@@ -7,9 +7,10 @@
 //! given several images and name them all in one [`ImageSink::commit_named`] (`lathe bundle`),
 //! and [`open_beside`] finds a registry image in the bundle a builder comes from.
 //!
-//! [`copy`] first reads every manifest and index it needs, then hands the sink all the blobs
-//! at once (so layout and registry sinks transfer them in parallel), then the manifests,
-//! children before the index that names them, and commits last.
+//! [`copy`] first reads every manifest and index it needs, and what is attached to them
+//! ([`crate::attachments`]), then hands the sink all the blobs at once (so layout and registry
+//! sinks transfer them in parallel), then the manifests, children before the index that names
+//! them and attachments after their subjects, and commits last.
 
 use std::collections::BTreeSet;
 use std::io::{self, Read};
@@ -23,6 +24,7 @@ use crate::archive::{
     ArchiveError, DockerArchiveSink, DockerArchiveSource, OciArchiveSink, OciArchiveSource,
     TarIndex,
 };
+use crate::attachments::{self, Attachment, AttachmentReport, Link};
 use crate::content::{self, Kind};
 use crate::layout::{self, Layout, LayoutError, Transaction};
 use crate::platform::{Platform, PlatformError};
@@ -101,6 +103,25 @@ pub trait ImageSource: Sync {
     fn blob_location(&self, _desc: &Descriptor) -> Option<&RegistryRef> {
         self.registry_location()
     }
+
+    /// The manifest or index another tag of this source's repository (a ref name of its
+    /// layout) names, with its bytes, verified; `None` when there is no such tag or the
+    /// transport has no tags. Attachments are found through it.
+    fn tagged(&self, _tag: &str) -> Result<Option<(Descriptor, Vec<u8>)>, ImageError> {
+        Ok(None)
+    }
+
+    /// The OCI referrers API's list for `subject`; `None` when the source has no such API
+    /// (only registries do, and not all of them).
+    fn referrers_api(&self, _subject: &Digest) -> Result<Option<Vec<Descriptor>>, ImageError> {
+        Ok(None)
+    }
+
+    /// The entries of `index.json` when the source is an OCI layout or oci-archive (image-layout
+    /// 1.1 lists referrers there); `None` for other transports.
+    fn layout_entries(&self) -> Result<Option<Vec<Descriptor>>, ImageError> {
+        Ok(None)
+    }
 }
 
 /// Blobs a sink wrote, and their bytes.
@@ -159,6 +180,23 @@ pub trait ImageSink {
         Ok(true)
     }
 
+    /// Whether this destination keeps attachments (OCI referrers, cosign tags) beside images.
+    fn keeps_attachments(&self) -> bool {
+        false
+    }
+
+    /// Records what is attached to the image (see [`crate::attachments`]), to be stored at
+    /// [`ImageSink::commit`] as the transport keeps it: a registry pushes cosign tags and,
+    /// without the referrers API, updates each subject's fallback tag; a layout names cosign
+    /// tags as refs and lists referrers in `index.json`. Their manifests and blobs have been
+    /// given to the sink already. Only called when [`ImageSink::keeps_attachments`].
+    fn attach(&mut self, attachments: &[Attachment]) -> Result<(), ImageError> {
+        Err(ImageError::Invalid {
+            what: format!("{} attachments", attachments.len()),
+            why: "this destination holds images only".into(),
+        })
+    }
+
     /// Makes the image visible under the sink's name; `children` are the platform manifests
     /// of an index, which layout-like sinks also name `NAME-os-arch`.
     fn commit(
@@ -188,16 +226,6 @@ pub struct NamedImage {
     pub root: Descriptor,
     /// The platform manifests of an index (also named `NAME-os-arch` in a layout).
     pub children: Vec<(Platform, Descriptor)>,
-}
-
-impl NamedImage {
-    /// The ref names and descriptors a layout or archive index lists for these images.
-    pub(crate) fn layout_refs(images: &[NamedImage]) -> Vec<(String, Descriptor)> {
-        images
-            .iter()
-            .flat_map(|i| layout::refs_for(&i.name, &i.root, &i.children))
-            .collect()
-    }
 }
 
 pub fn open_source(reference: &ImageRef) -> Result<Box<dyn ImageSource>, ImageError> {
@@ -319,6 +347,7 @@ pub fn open_sink(reference: &ImageRef) -> Result<Box<dyn ImageSink>, ImageError>
             name: name
                 .clone()
                 .unwrap_or_else(|| crate::reference::DEFAULT_TAG.to_string()),
+            attachments: vec![],
         }),
         ImageRef::OciArchive { file, name } => {
             Box::new(OciArchiveSink::create(file, name.as_deref())?)
@@ -456,11 +485,24 @@ impl ImageSource for LayoutSource {
     fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send + '_>, ImageError> {
         Ok(Box::new(self.layout.open_blob(desc)?))
     }
+    fn tagged(&self, tag: &str) -> Result<Option<(Descriptor, Vec<u8>)>, ImageError> {
+        match layout::find_ref(&self.layout.index_entries()?, tag) {
+            Some(desc) => {
+                let bytes = self.read_blob(&desc)?;
+                Ok(Some((desc, bytes)))
+            }
+            None => Ok(None),
+        }
+    }
+    fn layout_entries(&self) -> Result<Option<Vec<Descriptor>>, ImageError> {
+        Ok(Some(self.layout.index_entries()?))
+    }
 }
 
 struct LayoutSink {
     tx: Transaction,
     name: String,
+    attachments: Vec<Attachment>,
 }
 
 impl ImageSink for LayoutSink {
@@ -498,6 +540,13 @@ impl ImageSink for LayoutSink {
         }
         Ok(transferred)
     }
+    fn keeps_attachments(&self) -> bool {
+        true
+    }
+    fn attach(&mut self, attachments: &[Attachment]) -> Result<(), ImageError> {
+        self.attachments.extend_from_slice(attachments);
+        Ok(())
+    }
     fn commit(
         self: Box<Self>,
         root: &Descriptor,
@@ -511,8 +560,38 @@ impl ImageSink for LayoutSink {
         self.commit_named(&[image])
     }
     fn commit_named(self: Box<Self>, images: &[NamedImage]) -> Result<(), ImageError> {
-        Ok(self.tx.commit(&NamedImage::layout_refs(images))?)
+        let (refs, unnamed) = layout_entries_for(images, &self.attachments);
+        Ok(self.tx.commit_with_unnamed(&refs, &unnamed)?)
     }
+}
+
+/// The `index.json` entries of images stored under their names in a layout or oci-archive,
+/// with their attachments: the named entries ([`layout::refs_for`], and each cosign tag as a
+/// ref name) and the unnamed ones (each OCI referrer, described with its `artifactType`, as
+/// image-layout 1.1 lists referrers).
+pub fn layout_entries_for(
+    images: &[NamedImage],
+    attachments: &[Attachment],
+) -> (Vec<(String, Descriptor)>, Vec<Descriptor>) {
+    let mut refs: Vec<(String, Descriptor)> = images
+        .iter()
+        .flat_map(|i| layout::refs_for(&i.name, &i.root, &i.children))
+        .collect();
+    let mut unnamed: Vec<Descriptor> = Vec::new();
+    for attachment in attachments {
+        match &attachment.link {
+            Link::Tag(tag) => refs.push((tag.clone(), attachment.descriptor.clone())),
+            Link::Referrer => {
+                if !unnamed
+                    .iter()
+                    .any(|d| d.digest() == attachment.descriptor.digest())
+                {
+                    unnamed.push(attachment.descriptor.clone());
+                }
+            }
+        }
+    }
+    (refs, unnamed)
 }
 
 /// The platform children of an index (entries without a usable platform, such as
@@ -664,9 +743,21 @@ pub struct CopyReport {
     pub platforms: Vec<String>,
     pub blobs_copied: usize,
     pub bytes_copied: u64,
+    /// What was attached to the copied manifests and went with them.
+    pub attachments: Vec<AttachmentReport>,
     /// A choice lathe made for the user (such as picking the host platform of an index).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+}
+
+/// How to copy.
+#[derive(Debug, Clone, Default)]
+pub struct CopyOptions {
+    /// Empty: the whole image or index; otherwise these platforms of an index.
+    pub platforms: Vec<Platform>,
+    /// Carry what is attached to each copied manifest (OCI referrers and cosign tags, see
+    /// [`crate::attachments`]); `lathe copy` does unless told not to.
+    pub attachments: bool,
 }
 
 /// The root to write after applying `selection` to `source`: an existing descriptor, or (when
@@ -815,9 +906,9 @@ pub fn resolve_selection(
 pub fn copy(
     src: &ImageRef,
     dst: &ImageRef,
-    platforms: &[Platform],
+    options: &CopyOptions,
 ) -> Result<CopyReport, ImageError> {
-    copy_with_progress(src, dst, platforms, &Progress::Silent)
+    copy_with_progress(src, dst, options, &Progress::Silent)
 }
 
 /// Copies the image `src` names to `dst`: every blob first, then the manifests (children
@@ -825,28 +916,40 @@ pub fn copy(
 pub fn copy_with_progress(
     src: &ImageRef,
     dst: &ImageRef,
-    platforms: &[Platform],
+    options: &CopyOptions,
     progress: &Progress,
 ) -> Result<CopyReport, ImageError> {
     let source = open_source(src)?;
-    copy_from_source(source.as_ref(), dst, platforms, progress)
+    copy_from_source(source.as_ref(), dst, options, progress)
 }
 
 /// Copies the image an already open `source` serves (a transport, or an image lathe has just
-/// assembled) to `dst`, as [`copy_with_progress`] does.
+/// assembled) to `dst`, as [`copy_with_progress`] does. With `options.attachments`, what is
+/// attached to each manifest copied (the root, and an index's children) is found in `source`
+/// and copied too, byte for byte, so every `subject` still names its manifest. Attachments
+/// go by digest: an index made of some platforms of another is a new manifest, with nothing
+/// attached to it unless the source has something for that very digest.
 pub fn copy_from_source(
     source: &dyn ImageSource,
     dst: &ImageRef,
-    platforms: &[Platform],
+    options: &CopyOptions,
     progress: &Progress,
 ) -> Result<CopyReport, ImageError> {
     let selection = Selection {
-        platforms: platforms.to_vec(),
+        platforms: options.platforms.clone(),
         single_image: matches!(dst, ImageRef::DockerArchive { .. }),
     };
     let resolved = resolve_selection(source, &selection)?;
     let mut sink = open_sink(dst)?;
-    let (transferred, _) = put_resolved(source, &resolved, sink.as_mut(), progress)?;
+    let put = put_resolved(
+        source,
+        &resolved,
+        sink.as_mut(),
+        options.attachments,
+        progress,
+    )?;
+    let mut notes: Vec<String> = resolved.note.iter().cloned().collect();
+    notes.extend(put.notes);
     sink.commit(&resolved.root, &resolved.children)?;
     Ok(CopyReport {
         digest: resolved.root.digest().to_string(),
@@ -856,39 +959,84 @@ pub fn copy_from_source(
             .iter()
             .map(|(p, _)| p.to_string())
             .collect(),
-        blobs_copied: transferred.blobs,
-        bytes_copied: transferred.bytes,
-        note: resolved.note,
+        blobs_copied: put.transferred.blobs,
+        bytes_copied: put.transferred.bytes,
+        attachments: put.carried.iter().map(Attachment::report).collect(),
+        note: (!notes.is_empty()).then(|| notes.join("; ")),
     })
 }
 
+/// What [`put_resolved`] gave a sink.
+pub struct Put {
+    pub transferred: Transferred,
+    /// The image's whole size: every blob and manifest it is made of, written or already there.
+    pub size: u64,
+    /// The attachments given to the sink with the image.
+    pub carried: Vec<Attachment>,
+    pub notes: Vec<String>,
+}
+
 /// Gives `sink` every blob and manifest of the `resolved` image of `source` (configs and
-/// layers first, then manifests, children before the index), without committing: what was
-/// written, and the image's whole size (every blob and manifest it is made of, written or
-/// already there).
+/// layers first, then manifests, children before the index) and, with `attachments`, what is
+/// attached to each of those manifests in `source` (when the sink can keep it), without
+/// committing.
 pub fn put_resolved(
     source: &dyn ImageSource,
     resolved: &Resolved,
     sink: &mut dyn ImageSink,
+    attachments: bool,
     progress: &Progress,
-) -> Result<(Transferred, u64), ImageError> {
-    let plan = Plan::of(source, resolved)?;
+) -> Result<Put, ImageError> {
+    let mut plan = Plan::of(source, resolved)?;
+    let size = plan.blobs.iter().map(Descriptor::size).sum::<u64>()
+        + plan.manifests.iter().map(|(d, _)| d.size()).sum::<u64>();
+    let mut notes = Vec::new();
+    let mut carried: Vec<Attachment> = Vec::new();
+    if attachments {
+        let subjects: Vec<Digest> = plan
+            .manifests
+            .iter()
+            .map(|(desc, _)| desc.digest().clone())
+            .collect();
+        let found = attachments::discover(source, &subjects)?;
+        notes.extend(found.note);
+        if sink.keeps_attachments() {
+            for attachment in &found.attachments {
+                plan.add_attachment(source, attachment)?;
+            }
+            carried = found.attachments;
+        } else if !found.attachments.is_empty() {
+            notes.push(format!(
+                "{} attachments (signatures, attestations, SBOMs) were not copied: the \
+                 destination holds images only",
+                found.attachments.len()
+            ));
+        }
+    }
     let mut transferred = sink.put_blobs(source, &plan.blobs, progress)?;
     for (desc, bytes) in &plan.manifests {
         if sink.put_manifest(desc, bytes)? {
             transferred.add(desc);
         }
     }
-    let size = plan.blobs.iter().map(Descriptor::size).sum::<u64>()
-        + plan.manifests.iter().map(|(d, _)| d.size()).sum::<u64>();
-    Ok((transferred, size))
+    if !carried.is_empty() {
+        sink.attach(&carried)?;
+    }
+    Ok(Put {
+        transferred,
+        size,
+        carried,
+        notes,
+    })
 }
 
 /// What a copy writes: the configs and layers, and the manifests and indexes with their
-/// bytes, children before parents and the root last. Each digest appears once.
+/// bytes, children before parents and the root last, then the attachments. Each digest
+/// appears once.
 struct Plan {
     blobs: Vec<Descriptor>,
     manifests: Vec<(Descriptor, Vec<u8>)>,
+    seen: BTreeSet<String>,
 }
 
 impl Plan {
@@ -896,18 +1044,31 @@ impl Plan {
         let mut plan = Plan {
             blobs: vec![],
             manifests: vec![],
+            seen: BTreeSet::new(),
         };
-        let mut seen = BTreeSet::new();
         match &resolved.new_root_bytes {
             Some(bytes) => {
                 for (_, child) in &resolved.children {
-                    plan.walk(source, child, None, &mut seen)?;
+                    plan.walk(source, child, None)?;
                 }
-                plan.walk(source, &resolved.root, Some(bytes.clone()), &mut seen)?;
+                plan.walk(source, &resolved.root, Some(bytes.clone()))?;
             }
-            None => plan.walk(source, &resolved.root, None, &mut seen)?,
+            None => plan.walk(source, &resolved.root, None)?,
         }
         Ok(plan)
+    }
+
+    /// Adds an attachment's manifest (as it was read, byte for byte) and what it names.
+    fn add_attachment(
+        &mut self,
+        source: &dyn ImageSource,
+        attachment: &Attachment,
+    ) -> Result<(), ImageError> {
+        self.walk(
+            source,
+            &attachment.descriptor,
+            Some(attachment.bytes.clone()),
+        )
     }
 
     fn walk(
@@ -915,9 +1076,8 @@ impl Plan {
         source: &dyn ImageSource,
         desc: &Descriptor,
         bytes: Option<Vec<u8>>,
-        seen: &mut BTreeSet<String>,
     ) -> Result<(), ImageError> {
-        if !seen.insert(desc.digest().to_string()) {
+        if !self.seen.insert(desc.digest().to_string()) {
             return Ok(());
         }
         let what = source.describe();
@@ -928,7 +1088,7 @@ impl Plan {
                     None => source.read_blob(desc)?,
                 };
                 for child in parse_index(&bytes, desc, &what)?.manifests() {
-                    self.walk(source, child, None, seen)?;
+                    self.walk(source, child, None)?;
                 }
                 self.manifests.push((desc.clone(), bytes));
             }
@@ -939,7 +1099,7 @@ impl Plan {
                 };
                 let manifest = parse_manifest(&bytes, desc, &what)?;
                 for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
-                    if seen.insert(blob.digest().to_string()) {
+                    if self.seen.insert(blob.digest().to_string()) {
                         self.blobs.push(blob.clone());
                     }
                 }

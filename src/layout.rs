@@ -23,6 +23,7 @@ use nix::fcntl::{Flock, FlockArg};
 use oci_spec::image::{Descriptor, Digest, ImageIndex, ImageManifest, MediaType};
 use serde_json::{Value, json};
 
+use crate::attachments;
 use crate::content::{self, HashingWriter, Kind, VerifyingReader};
 
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -285,27 +286,25 @@ pub fn resolve_ref(entries: &[Descriptor], name: Option<&str>) -> Result<Descrip
             names.join(", ")
         }
     };
-    let find = |want: &str| {
-        entries
-            .iter()
-            .rev()
-            .find(|d| ref_name(d).as_deref() == Some(want))
-            .cloned()
-    };
     if let Some(name) = name {
-        return find(name)
+        return find_ref(entries, name)
             .ok_or_else(|| format!("no image named {name:?} (it has: {})", available()));
     }
-    if let Some(found) = find(crate::reference::DEFAULT_TAG) {
+    if let Some(found) = find_ref(entries, crate::reference::DEFAULT_TAG) {
         return Ok(found);
     }
+    // Attachments are not images of their own: cosign tags and fallback tags by their names,
+    // unnamed referrers by the artifactType their entries carry.
     let roots: Vec<&Descriptor> = entries
         .iter()
         .filter(|d| match ref_name(d) {
-            Some(n) => !names
-                .iter()
-                .any(|other| n.starts_with(&format!("{other}-"))),
-            None => true,
+            Some(n) => {
+                !attachments::is_attachment_tag(&n)
+                    && !names
+                        .iter()
+                        .any(|other| n.starts_with(&format!("{other}-")))
+            }
+            None => d.artifact_type().is_none(),
         })
         .collect();
     match roots.as_slice() {
@@ -316,6 +315,15 @@ pub fn resolve_ref(entries: &[Descriptor], name: Option<&str>) -> Result<Descrip
             available()
         )),
     }
+}
+
+/// The last entry named `name` (a later entry of the same name wins, as lathe replaces them).
+pub fn find_ref(entries: &[Descriptor], name: &str) -> Option<Descriptor> {
+    entries
+        .iter()
+        .rev()
+        .find(|d| ref_name(d).as_deref() == Some(name))
+        .cloned()
 }
 
 /// The index entries to write for an image stored under `name`: the image itself and, for an
@@ -542,10 +550,21 @@ impl Transaction {
     /// Makes the staged blobs and the entries `refs` (ref name, descriptor) visible at once.
     /// Entries with the same ref names are replaced; every other entry is kept.
     pub fn commit(self, refs: &[(String, Descriptor)]) -> Result<()> {
+        self.commit_with_unnamed(refs, &[])
+    }
+
+    /// As [`Transaction::commit`], also listing `unnamed` in `index.json` without a ref name
+    /// (image-layout 1.1 lists referrers so); an unnamed entry already there for the same
+    /// digest is replaced.
+    pub fn commit_with_unnamed(
+        self,
+        refs: &[(String, Descriptor)],
+        unnamed: &[Descriptor],
+    ) -> Result<()> {
         match &self.existing {
-            Some(layout) => merge_into(layout, self.staging.path(), &self.staged, refs),
+            Some(layout) => merge_into(layout, self.staging.path(), &self.staged, refs, unnamed),
             None => {
-                self.check_refs_complete(refs)?;
+                self.check_refs_complete(refs, unnamed)?;
                 let root = self.staging.path();
                 sync_dir(&root.join("blobs/sha256"))?;
                 write_atomically(
@@ -553,7 +572,7 @@ impl Transaction {
                     br#"{"imageLayoutVersion":"1.0.0"}"#,
                 )?;
                 let mut index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []});
-                merge_entries(&mut index, refs);
+                merge_entries(&mut index, refs, unnamed);
                 write_atomically(&root.join(INDEX_FILE), &content::canonical_json(&index))?;
                 // An empty directory at the target is replaced. If another writer created the
                 // layout meanwhile, merge into it as if it had been there from the start.
@@ -562,7 +581,13 @@ impl Transaction {
                     let Ok(layout) = Layout::open(&self.target) else {
                         return Err(io_err(&self.target)(e));
                     };
-                    return merge_into(&layout, &root.join("blobs/sha256"), &self.staged, refs);
+                    return merge_into(
+                        &layout,
+                        &root.join("blobs/sha256"),
+                        &self.staged,
+                        refs,
+                        unnamed,
+                    );
                 }
                 let _ = self.staging.keep();
                 sync_dir(parent_dir(&self.target))
@@ -570,8 +595,12 @@ impl Transaction {
         }
     }
 
-    fn check_refs_complete(&self, refs: &[(String, Descriptor)]) -> Result<()> {
-        for (_, desc) in refs {
+    fn check_refs_complete(
+        &self,
+        refs: &[(String, Descriptor)],
+        unnamed: &[Descriptor],
+    ) -> Result<()> {
+        for desc in refs.iter().map(|(_, d)| d).chain(unnamed) {
             if !self.staged.contains(desc.digest().digest()) {
                 return Err(LayoutError::MissingBlob {
                     dir: self.target.clone(),
@@ -606,6 +635,7 @@ fn merge_into(
     staged_dir: &Path,
     staged: &BTreeSet<String>,
     refs: &[(String, Descriptor)],
+    unnamed: &[Descriptor],
 ) -> Result<()> {
     let _lock = layout.lock()?;
     let blobs = layout.dir.join("blobs/sha256");
@@ -615,7 +645,7 @@ fn merge_into(
         fs::rename(staged_dir.join(hex), &to).map_err(io_err(&to))?;
     }
     sync_dir(&blobs)?;
-    for (_, desc) in refs {
+    for desc in refs.iter().map(|(_, d)| d).chain(unnamed) {
         if !layout.has_blob(desc.digest()) {
             return Err(LayoutError::MissingBlob {
                 dir: layout.dir.clone(),
@@ -629,11 +659,11 @@ fn merge_into(
         path: index_path.clone(),
         why: e.to_string(),
     })?;
-    merge_entries(&mut index, refs);
+    merge_entries(&mut index, refs, unnamed);
     write_atomically(&index_path, &content::canonical_json(&index))
 }
 
-fn merge_entries(index: &mut Value, refs: &[(String, Descriptor)]) {
+fn merge_entries(index: &mut Value, refs: &[(String, Descriptor)], unnamed: &[Descriptor]) {
     let new_names: BTreeMap<&str, ()> = refs.iter().map(|(n, _)| (n.as_str(), ())).collect();
     let manifests = index
         .as_object_mut()
@@ -641,16 +671,26 @@ fn merge_entries(index: &mut Value, refs: &[(String, Descriptor)]) {
         .entry("manifests")
         .or_insert_with(|| Value::Array(vec![]));
     let list = manifests.as_array_mut().expect("manifests is an array");
+    let new_unnamed: BTreeSet<String> = unnamed.iter().map(|d| d.digest().to_string()).collect();
     list.retain(|entry| {
         let name = entry
             .pointer("/annotations/org.opencontainers.image.ref.name")
             .and_then(Value::as_str);
-        !name.is_some_and(|n| new_names.contains_key(n))
+        match name {
+            Some(n) => !new_names.contains_key(n),
+            None => !entry
+                .get("digest")
+                .and_then(Value::as_str)
+                .is_some_and(|d| new_unnamed.contains(d)),
+        }
     });
     for (name, desc) in refs {
         list.push(
             serde_json::to_value(with_ref_name(desc, name)).expect("a descriptor serialises"),
         );
+    }
+    for desc in unnamed {
+        list.push(serde_json::to_value(desc).expect("a descriptor serialises"));
     }
 }
 
@@ -779,6 +819,44 @@ mod tests {
             err.contains("no image named \"zz\" (it has: a, b)"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn attachments_are_not_images_of_their_own() {
+        let d = |c: char| {
+            Descriptor::new(
+                MediaType::ImageManifest,
+                1,
+                content::parse_sha256(&format!("sha256:{}", c.to_string().repeat(64))).unwrap(),
+            )
+        };
+        let image = with_ref_name(&d('a'), "app");
+        let signature = with_ref_name(&d('b'), &format!("sha256-{}.sig", "a".repeat(64)));
+        let mut referrer = d('c');
+        referrer.set_artifact_type(Some(MediaType::from("application/spdx+json")));
+        let entries = [image.clone(), signature, referrer];
+        assert_eq!(
+            resolve_ref(&entries, None).unwrap().digest(),
+            image.digest()
+        );
+        // An unnamed entry without an artifactType is an image, as before.
+        let err = resolve_ref(&[image, d('d')], None).unwrap_err();
+        assert!(err.contains("more than one image"), "{err}");
+    }
+
+    #[test]
+    fn unnamed_entries_are_replaced_by_digest_not_repeated() {
+        let tmp = dir();
+        let target = tmp.path().join("layout");
+        for _ in 0..2 {
+            let mut tx = Transaction::begin(&target).unwrap();
+            let image = tx.write_bytes(b"{}", MediaType::ImageConfig).unwrap();
+            let referrer = tx.write_bytes(b"[2]", MediaType::ImageConfig).unwrap();
+            tx.commit_with_unnamed(&[("a".into(), image)], &[referrer])
+                .unwrap();
+        }
+        let entries = Layout::open(&target).unwrap().index_entries().unwrap();
+        assert_eq!(entries.len(), 2, "{entries:?}");
     }
 
     #[test]

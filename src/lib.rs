@@ -6,6 +6,7 @@
 
 pub mod archive;
 pub mod assembly;
+pub mod attachments;
 pub mod build;
 pub mod bundle;
 pub mod cache;

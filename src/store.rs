@@ -507,6 +507,21 @@ impl ImageSource for CachedSource<'_> {
         self.inner.get().registry_location()
     }
 
+    fn tagged(&self, tag: &str) -> Result<Option<(Descriptor, Vec<u8>)>, ImageError> {
+        self.inner.get().tagged(tag)
+    }
+
+    fn referrers_api(
+        &self,
+        subject: &oci_spec::image::Digest,
+    ) -> Result<Option<Vec<Descriptor>>, ImageError> {
+        self.inner.get().referrers_api(subject)
+    }
+
+    fn layout_entries(&self) -> Result<Option<Vec<Descriptor>>, ImageError> {
+        self.inner.get().layout_entries()
+    }
+
     fn open_blob(&self, desc: &Descriptor) -> Result<Box<dyn Read + Send + '_>, ImageError> {
         let inner = self.inner.get();
         let Some((blobs, tmp)) = &self.keep else {

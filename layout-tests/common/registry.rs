@@ -295,7 +295,12 @@ fn read_request(stream: &mut BufReader<TcpStream>) -> Option<Request> {
     })
 }
 
-fn write_response(stream: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) {
+pub fn write_response(
+    stream: &mut TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) {
     let mut head = format!(
         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
@@ -694,7 +699,7 @@ impl FaultProxy {
 /// Sends `req` to the registry on a new connection; returns the answer's head (status line
 /// and headers, without the blank line) and body. For HEAD the body is empty but the head
 /// keeps the registry's Content-Length.
-fn forward(port: u16, req: &Request) -> Option<(String, Vec<u8>)> {
+pub fn forward(port: u16, req: &Request) -> Option<(String, Vec<u8>)> {
     let mut up = TcpStream::connect(("127.0.0.1", port)).ok()?;
     let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.target);
     for (k, v) in &req.headers {

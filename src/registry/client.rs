@@ -37,6 +37,11 @@ const PIPE_CHUNK: usize = 1 << 20;
 /// The slowest upload rate lathe waits for before a blob PUT counts as stalled.
 const MIN_UPLOAD_RATE: u64 = 1 << 20;
 
+/// The OCI index media type (what the referrers API answers with).
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// The most pages of a referrers list lathe follows.
+const MAX_REFERRER_PAGES: usize = 64;
+
 /// Every manifest type lathe reads, for `Accept`.
 pub const MANIFEST_TYPES: [&str; 4] = [
     "application/vnd.oci.image.index.v1+json",
@@ -153,6 +158,20 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .parse::<u64>()
         .ok()
         .map(Duration::from_secs)
+}
+
+/// The target of a `Link` header value's `rel="next"` link (RFC 8288), as the referrers and
+/// tags lists paginate.
+fn next_link(value: &str) -> Option<String> {
+    value.split(',').find_map(|link| {
+        let (target, params) = link.trim().split_once('>')?;
+        let target = target.trim().strip_prefix('<')?;
+        params
+            .split(';')
+            .filter_map(|p| p.trim().split_once('='))
+            .any(|(k, v)| k.trim() == "rel" && v.trim().trim_matches('"') == "next")
+            .then(|| target.to_string())
+    })
 }
 
 fn is_transient(status: StatusCode) -> bool {
@@ -653,6 +672,69 @@ impl Registry {
         Ok(())
     }
 
+    /// The OCI referrers API's list for `subject` (every page, following `Link: rel="next"`):
+    /// `None` when the registry does not implement the API. A registry that does never answers
+    /// 404 there (distribution-spec 1.1); distribution 2.8 does, and some registries answer
+    /// 400, 405 or 501 for a route they lack.
+    pub fn get_referrers(
+        &self,
+        repository: &str,
+        subject: &Digest,
+        what: &str,
+    ) -> Result<Option<Vec<Descriptor>>, RegistryError> {
+        let bad = |why: String| RegistryError::BadContent {
+            what: what.into(),
+            why: format!("the referrers of {subject}: {why}"),
+        };
+        let mut url = self.url(&format!("v2/{repository}/referrers/{subject}"));
+        let mut found = Vec::new();
+        for page in 0..MAX_REFERRER_PAGES {
+            let response = self.send(what, true, &|| {
+                self.http.get(url.clone()).header("Accept", OCI_INDEX)
+            })?;
+            let status = response.status();
+            if page == 0 && matches!(status.as_u16(), 400 | 404 | 405 | 501) {
+                return Ok(None);
+            }
+            if !status.is_success() {
+                return Err(self.refusal(what, response));
+            }
+            let next = response
+                .headers()
+                .get_all("link")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(next_link)
+                .map(|link| url.join(&link))
+                .transpose()
+                .map_err(|_| bad("its Link header is not a URL".into()))?;
+            let mut bytes = Vec::new();
+            response
+                .take(content::MAX_JSON_BLOB + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| RegistryError::Unreachable {
+                    what: what.into(),
+                    why: format!("reading the referrers of {subject}: {e}"),
+                })?;
+            if bytes.len() as u64 > content::MAX_JSON_BLOB {
+                return Err(bad("the list is larger than lathe reads".into()));
+            }
+            let index: oci_spec::image::ImageIndex = serde_json::from_slice(&bytes)
+                .map_err(|e| bad(format!("the list is not an image index: {e}")))?;
+            for desc in index.manifests() {
+                content::check_descriptor(desc).map_err(bad)?;
+            }
+            found.extend(index.manifests().iter().cloned());
+            match next {
+                Some(next) => url = next,
+                None => return Ok(Some(found)),
+            }
+        }
+        Err(bad(format!(
+            "the registry gave more than {MAX_REFERRER_PAGES} pages"
+        )))
+    }
+
     /// Opens a blob for reading; the reader resumes after dropped connections. The caller
     /// verifies size and digest.
     pub fn open_blob(
@@ -1134,6 +1216,21 @@ impl Read for BlobReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_link_finds_the_rel_next_target() {
+        assert_eq!(
+            next_link(r#"</v2/a/referrers/sha256:1?n=2&last=x>; rel="next""#).as_deref(),
+            Some("/v2/a/referrers/sha256:1?n=2&last=x")
+        );
+        assert_eq!(
+            next_link(r#"<https://r.example/p1>; rel="prev", <https://r.example/p3>; rel=next"#)
+                .as_deref(),
+            Some("https://r.example/p3")
+        );
+        assert_eq!(next_link(r#"</x>; rel="prev""#), None);
+        assert_eq!(next_link("garbage"), None);
+    }
 
     #[test]
     fn backoff_grows_and_honours_retry_after() {

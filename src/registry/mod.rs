@@ -19,8 +19,9 @@
 //!   resumable blob downloads, blob uploads by HEAD-skip, cross-repository mount, monolithic
 //!   PUT or chunked PATCH, manifest PUT with the exact content type).
 //! - [`transport`]: the registry source and sink that `lathe copy` drives; the sink uploads
-//!   blobs in parallel, pushes every child manifest before its index, and tags last, so a
-//!   failed push leaves no tag.
+//!   blobs in parallel, pushes every child manifest before its index, then what is attached
+//!   to the image (cosign tags; the referrers fallback tags when the registry lacks the
+//!   referrers API), and tags last, so a failed push leaves no tag.
 //!
 //! Written on blocking reqwest rather than oci-client: oci-client is async-only, keeps its own
 //! manifest types and holds whole layers in memory when pushing an image.

@@ -1,16 +1,22 @@
 //! The registry as an image source and an image sink.
 //!
 //! The sink writes nothing visible until [`ImageSink::commit`]: blobs (invisible until a
-//! manifest names them) go up in parallel, child manifests are pushed by digest, and only
-//! then is the root pushed under its tag. A push that fails anywhere before that leaves the
-//! tag as it was.
+//! manifest names them) go up in parallel, child manifests are pushed by digest, then (when
+//! the image has attachments) the root by digest, the attachments' manifests, their cosign
+//! tags and, on a registry without the referrers API, the fallback tags; only then is the root
+//! pushed under its tag. A push that fails anywhere before that leaves the tag as it was.
+//!
+//! As a source, it answers the attachment lookups: other tags of its repository, and the
+//! referrers API where the registry has it.
 
+use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
 
 use oci_spec::image::{Descriptor, Digest, ImageIndex, MediaType};
 
 use super::RegistryError;
 use super::client::{Registry, Uploaded, scope};
+use crate::attachments::{self, Attachment, Link};
 use crate::content::{self, Kind, VerifyingReader};
 use crate::image::{
     self, ImageError, ImageSink, ImageSource, PARALLEL_TRANSFERS, Transferred, parallel_map,
@@ -106,6 +112,30 @@ impl ImageSource for RegistrySource {
     fn registry_location(&self) -> Option<&RegistryRef> {
         Some(&self.reference)
     }
+
+    fn tagged(&self, tag: &str) -> Result<Option<(Descriptor, Vec<u8>)>, ImageError> {
+        match self
+            .registry
+            .get_manifest(&self.reference.repository, tag, &self.describe)
+        {
+            Ok((bytes, media_type, digest)) => {
+                let desc = Descriptor::new(
+                    MediaType::from(media_type.as_str()),
+                    bytes.len() as u64,
+                    digest,
+                );
+                Ok(Some((desc, bytes)))
+            }
+            Err(RegistryError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn referrers_api(&self, subject: &Digest) -> Result<Option<Vec<Descriptor>>, ImageError> {
+        Ok(self
+            .registry
+            .get_referrers(&self.reference.repository, subject, &self.describe)?)
+    }
 }
 
 fn verified<'a>(
@@ -130,6 +160,7 @@ pub struct RegistrySink {
     reference: RegistryRef,
     describe: String,
     manifests: Vec<PendingManifest>,
+    attachments: Vec<Attachment>,
 }
 
 impl RegistrySink {
@@ -146,6 +177,7 @@ impl RegistrySink {
             reference: reference.clone(),
             describe,
             manifests: vec![],
+            attachments: vec![],
         })
     }
 
@@ -164,6 +196,70 @@ impl RegistrySink {
                 r.registry == self.reference.registry && r.repository != self.reference.repository
             })
             .map(|r| r.repository.clone())
+    }
+
+    /// Pushes the attachments' tags: each cosign tag, and, when the registry lacks the
+    /// referrers API, each subject's fallback tag `sha256-<hex>`, merged with what it held
+    /// (others' referrers are kept). Their manifests, and the subjects, are in the repository.
+    fn push_attachment_tags(&self, root: &Descriptor) -> Result<(), ImageError> {
+        let repository = &self.reference.repository;
+        let mut referrers: BTreeMap<String, Vec<Descriptor>> = BTreeMap::new();
+        for attachment in &self.attachments {
+            match &attachment.link {
+                Link::Tag(tag) => self.registry.put_manifest(
+                    repository,
+                    tag,
+                    attachment.descriptor.media_type().as_ref(),
+                    &attachment.bytes,
+                    &self.describe,
+                )?,
+                Link::Referrer => referrers
+                    .entry(attachment.subject.to_string())
+                    .or_default()
+                    .push(attachment.descriptor.clone()),
+            }
+        }
+        if referrers.is_empty()
+            || self
+                .registry
+                .get_referrers(repository, root.digest(), &self.describe)?
+                .is_some()
+        {
+            return Ok(());
+        }
+        for (subject, descriptors) in referrers {
+            let subject = content::parse_sha256(&subject).expect("a digest lathe checked");
+            let tag = attachments::fallback_tag(&subject);
+            let what = format!("{} (tag {tag})", self.describe);
+            let existing = match self.registry.get_manifest(repository, &tag, &what) {
+                Ok((bytes, media_type, _)) if media_type == attachments::OCI_INDEX => Some(bytes),
+                Ok((_, media_type, _)) => {
+                    return Err(ImageError::Invalid {
+                        what,
+                        why: format!(
+                            "the tag holds a {media_type}, not the image index of referrers the referrers tag schema keeps there; lathe leaves it alone"
+                        ),
+                    });
+                }
+                Err(RegistryError::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let merged = attachments::merge_fallback_index(existing.as_deref(), &descriptors)
+                .map_err(|why| ImageError::Invalid {
+                    what: what.clone(),
+                    why,
+                })?;
+            if let Some(bytes) = merged {
+                self.registry.put_manifest(
+                    repository,
+                    &tag,
+                    attachments::OCI_INDEX,
+                    &bytes,
+                    &what,
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -289,6 +385,15 @@ impl ImageSink for RegistrySink {
         Ok(missing)
     }
 
+    fn keeps_attachments(&self) -> bool {
+        true
+    }
+
+    fn attach(&mut self, attachments: &[Attachment]) -> Result<(), ImageError> {
+        self.attachments.extend_from_slice(attachments);
+        Ok(())
+    }
+
     fn commit(
         self: Box<Self>,
         root: &Descriptor,
@@ -307,10 +412,22 @@ impl ImageSink for RegistrySink {
             .into());
         }
         let repository = &self.reference.repository;
+        let attaching = !self.attachments.is_empty();
         let mut root_bytes = None;
+        // Children, then (by digest, when there are attachments, so their subject is there
+        // before them) the root, then the attachments' manifests; the tag comes last.
         for m in &self.manifests {
             if m.desc.digest() == root.digest() {
                 root_bytes = Some(m);
+                if attaching && m.missing {
+                    self.registry.put_manifest(
+                        repository,
+                        m.desc.digest().as_ref(),
+                        m.desc.media_type().as_ref(),
+                        &m.bytes,
+                        &self.describe,
+                    )?;
+                }
             } else if m.missing {
                 self.registry.put_manifest(
                     repository,
@@ -325,6 +442,9 @@ impl ImageSink for RegistrySink {
             what: self.describe.clone(),
             why: format!("manifest {} was never given to the sink", root.digest()),
         })?;
+        if attaching {
+            self.push_attachment_tags(root)?;
+        }
         let target = match &self.reference.tag {
             Some(tag) => tag.clone(),
             None => root.digest().to_string(),
