@@ -1145,3 +1145,65 @@ fn a_two_platform_build_is_rebased_on_the_registry_moving_no_layer() {
         );
     }
 }
+
+/// The air-gap workflow: a two-platform app built into an archive on the site's side of the
+/// gap records the internal registry's run image as a mirror (`--run-image-mirror`); copied to
+/// that registry whole, it is rebased there with no `--run-image`, onto the mirror.
+#[test]
+fn an_app_copied_across_the_air_gap_rebases_onto_its_run_image_mirror() {
+    let world = World::new();
+    let registry = TestRegistry::start(RegistryConfig::default());
+    let host = registry.host();
+    let mirror = format!("docker://{host}/internal/run:1");
+    let archive = format!("oci-archive:{}:app", world.path("app.tar").display());
+    built_digest(&world.build(
+        "deps-app",
+        "cached-deps",
+        &fixture_run(),
+        &archive,
+        &[
+            "--platform=linux/amd64,linux/arm64",
+            &format!("--run-image-mirror={mirror}"),
+        ],
+    ));
+    let recorded = format!("{host}/internal/run:1");
+    for arch in ["amd64", "arm64"] {
+        let label = lifecycle_label(&config_of(&format!("{archive}-linux-{arch}")));
+        assert_eq!(label["runImage"]["image"], "run", "{label:#}");
+        assert_eq!(label["runImage"]["mirrors"], json!([recorded]), "{label:#}");
+    }
+
+    // Inside: the run image and the app copied to the internal registry, then a new run image.
+    lathe_ok(&["copy", "--quiet", &fixture_run(), &mirror]);
+    let app = format!("docker://{host}/internal/app:1");
+    lathe_ok(&["copy", "--quiet", &archive, &app]);
+    new_run_image(&mirror, &["linux/amd64", "linux/arm64"], &[]);
+    let (_, new_run) = manifest_of(&mirror);
+
+    let outcome = rebase_ok(&[&app]);
+    assert_eq!(outcome["run_image"], mirror.as_str(), "{outcome:#}");
+    let (_, index) = manifest_of(&app);
+    for (i, arch) in ["amd64", "arm64"].iter().enumerate() {
+        let child = index["manifests"][i]["digest"].as_str().unwrap();
+        let config = config_of(&format!("docker://{host}/internal/app@{child}"));
+        let base_child = new_run["manifests"][i]["digest"].as_str().unwrap();
+        let base = config_of(&format!("docker://{host}/internal/run@{base_child}"));
+        let base_ids = diff_ids(&base);
+        assert_eq!(diff_ids(&config)[..base_ids.len()], base_ids[..], "{arch}");
+        assert_eq!(config["architecture"], *arch);
+    }
+    let out = run_platform_as_unprivileged(&app, "linux/arm64");
+    assert_eq!(out.status.code(), Some(0), "{}", report(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "is-even\nleft-pad\n");
+
+    // A mirror must be a registry name.
+    let out = world.build(
+        "deps-app",
+        "cached-deps",
+        &fixture_run(),
+        &world.oci("out", "x"),
+        &["--run-image-mirror=oci:/somewhere:run"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", report(&out));
+    assert!(stderr(&out).contains("a mirror is a registry reference"));
+}

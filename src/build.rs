@@ -150,6 +150,9 @@ pub struct BuildRequest {
     pub cache_image: Option<ImageRef>,
     /// Start without the cache's layers (the cache is still written after the build).
     pub clear_cache: bool,
+    /// More names of the run image for the app's rebase metadata (a registry an air-gapped
+    /// site copies the run image to, say); a rebase prefers one on the app's own registry.
+    pub run_image_mirrors: Vec<ImageRef>,
     /// The image whose layers the build may reuse (default: `--output`, when it is a registry
     /// or a layout).
     pub previous_image: Option<ImageRef>,
@@ -456,9 +459,14 @@ fn build_targets(
         order.insert(0, host_target);
     }
     let mut notes = Vec::new();
-    let created = created_time(request, &mut notes);
-    let mut assembly = crate::assembly::Assembly::new("the app image", Some(scratch))
-        .map_err(|e| BuildError::Export(e.to_string()))?;
+    let mut exporting = Exporting {
+        request,
+        project,
+        assembly: crate::assembly::Assembly::new("the app image", Some(scratch))
+            .map_err(|e| BuildError::Export(e.to_string()))?,
+        created: created_time(request, &mut notes),
+        several,
+    };
     let mut children: Vec<(Platform, oci_spec::image::Descriptor, PlatformSummary)> = Vec::new();
     let mut first: Option<Built> = None;
     let mut choice: Option<StrategyChoice> = None;
@@ -467,88 +475,65 @@ fn build_targets(
         let root = runner.builder_root(platform)?;
         let run_image = open_run_image(request, &root, platform, store)?;
         let target_platform = run_image.image.platform.clone();
-        let work = make_dir(scratch, &format!("target-{index}"))?;
-        let name_platform = |e: BuildError| match e {
-            BuildError::Export(message) if several => {
-                BuildError::Export(format!("{target_platform}: {message}"))
-            }
-            other => other,
-        };
-        let reuse_first = choice
+        let reuse = choice
             .as_ref()
             .is_some_and(|c| c.strategy == CrossStrategy::Reuse);
-        let reused = first.as_ref().filter(|_| reuse_first);
-        let (exported, built_on, layers_from, cache) = if let Some(built) = reused {
-            // The first build's layers name its own previous image's.
-            let mut warn = |line: String| {
-                tracing::warn!("{line}");
-                notes.push(line);
-            };
-            let previous = read_previous_image(request, &built.target, &mut warn);
-            let exported = export_target(
-                request,
-                project,
-                &mut assembly,
-                built,
-                run_image,
-                previous,
-                &created,
-                &mut notes,
-            )
-            .map_err(name_platform)?;
-            let from = format!("reused the {} build", built.target);
-            (exported, built.platform.to_string(), from, None)
-        } else {
-            let mut run_notes = Vec::new();
-            let location = cache_location(request, platform, several)?;
-            let analysis = analyze(request, &target_platform, location, &work, &mut run_notes)?;
-            let cache_tars = analysis.cache_tars().map(Path::to_path_buf);
-            let inputs = PhaseInputs {
-                target: run_image.target()?,
-                restore: analysis
-                    .restore_input(cache_tars.as_ref().map(|_| PathBuf::from(CACHE_INSIDE))),
-                cache_tars,
-                notes: run_notes,
-            };
-            let mut built = runner.run(platform, &work, inputs)?;
-            built.target = target_platform.clone();
-            let mut run_notes = std::mem::take(&mut built.outcome.notes);
-            let exported = export_target(
-                request,
-                project,
-                &mut assembly,
-                &built,
-                run_image,
-                analysis.previous,
-                &created,
-                &mut run_notes,
-            )
-            .map_err(name_platform)?;
-            let cache = save_cache(
-                request,
-                analysis.cache,
-                &built.layers,
-                built.owner,
-                &target_platform,
-                &work,
-                &mut run_notes,
-            );
-            let built_on = built.platform.to_string();
-            if first.is_none() && several {
-                let chosen = choose_strategy(request, &built)?;
-                run_notes.push(format!(
-                    "cross-strategy {}: {}",
-                    chosen.strategy, chosen.why
-                ));
-                choice = Some(chosen);
+        let (exported, built_on, layers_from, cache) = match first.as_ref().filter(|_| reuse) {
+            Some(built) => {
+                // The first build's layers name its own previous image's.
+                let mut warn = |line: String| {
+                    tracing::warn!("{line}");
+                    notes.push(line);
+                };
+                let previous = read_previous_image(request, &built.target, &mut warn);
+                let exported = exporting.export(built, run_image, previous, &mut notes)?;
+                let from = format!("reused the {} build", built.target);
+                (exported, built.platform.to_string(), from, None)
             }
-            if first.is_none() {
-                built.outcome.notes = run_notes;
-                first = Some(built);
-            } else {
-                notes.append(&mut run_notes);
+            None => {
+                let work = make_dir(scratch, &format!("target-{index}"))?;
+                let mut run_notes = Vec::new();
+                let location = cache_location(request, platform, several)?;
+                let analysis = analyze(request, &target_platform, location, &work, &mut run_notes)?;
+                let cache_tars = analysis.cache_tars().map(Path::to_path_buf);
+                let inputs = PhaseInputs {
+                    target: run_image.target()?,
+                    restore: analysis
+                        .restore_input(cache_tars.as_ref().map(|_| PathBuf::from(CACHE_INSIDE))),
+                    cache_tars,
+                    notes: run_notes,
+                };
+                let mut built = runner.run(platform, &work, inputs)?;
+                built.target = target_platform.clone();
+                let mut run_notes = std::mem::take(&mut built.outcome.notes);
+                let exported =
+                    exporting.export(&built, run_image, analysis.previous, &mut run_notes)?;
+                let cache = save_cache(
+                    request,
+                    analysis.cache,
+                    &built.layers,
+                    built.owner,
+                    &target_platform,
+                    &work,
+                    &mut run_notes,
+                );
+                let built_on = built.platform.to_string();
+                if first.is_none() {
+                    if several {
+                        let chosen = choose_strategy(request, &built)?;
+                        run_notes.push(format!(
+                            "cross-strategy {}: {}",
+                            chosen.strategy, chosen.why
+                        ));
+                        choice = Some(chosen);
+                    }
+                    built.outcome.notes = run_notes;
+                    first = Some(built);
+                } else {
+                    notes.append(&mut run_notes);
+                }
+                (exported, built_on, "built".to_string(), cache)
             }
-            (exported, built_on, "built".to_string(), cache)
         };
         default_process = default_process.or(exported.default_process.clone());
         children.push((
@@ -578,18 +563,18 @@ fn build_targets(
         .collect();
     outcome.image = Some(write_outputs(
         request,
-        &mut assembly,
+        &mut exporting.assembly,
         &manifests,
         default_process,
     )?);
-    let mut platforms: Vec<PlatformSummary> = children
+    let mut summaries: Vec<PlatformSummary> = children
         .into_iter()
         .map(|(_, _, summary)| summary)
         .collect();
     if !several {
-        outcome.cache = platforms[0].cache.take();
+        outcome.cache = summaries[0].cache.take();
     }
-    outcome.platforms = platforms;
+    outcome.platforms = summaries;
     outcome.cross_strategy = choice;
     Ok(outcome)
 }
@@ -1108,6 +1093,16 @@ fn check_arguments(request: &BuildRequest) -> Result<(), BuildError> {
              (write it to a registry, oci: or oci-archive:)"
         )));
     }
+    if let Some(mirror) = request
+        .run_image_mirrors
+        .iter()
+        .find(|r| !matches!(r, ImageRef::Registry(_)))
+    {
+        return Err(BuildError::Usage(format!(
+            "--run-image-mirror {mirror}: a mirror is a registry reference \
+             (docker://REGISTRY/REPO:TAG), where a rebase can find the run image"
+        )));
+    }
     if request.cache_dir.is_some() && request.cache_image.is_some() {
         return Err(BuildError::Usage(
             "give either --cache-dir or --cache-image, not both".into(),
@@ -1571,70 +1566,90 @@ fn created_time(request: &BuildRequest, notes: &mut Vec<String>) -> String {
     created
 }
 
-/// Exports one platform's app image from `built` onto `run_image`, into `assembly`.
-#[allow(clippy::too_many_arguments)]
-fn export_target(
-    request: &BuildRequest,
-    project: Option<&Project>,
-    assembly: &mut crate::assembly::Assembly,
-    built: &Built,
-    run_image: OpenedRunImage,
-    previous: Option<PreviousImage>,
-    created: &str,
-    notes: &mut Vec<String>,
-) -> Result<crate::export::Exported, BuildError> {
-    let platform = run_image.image.platform.clone();
-    // The build image's launcher is for the machine the buildpacks ran on: a target of
-    // another machine gets lathe's own launcher for it (or --launcher's).
-    let builder_launcher = built.builder_launcher();
-    let same_machine = built.platform.os == platform.os && built.platform.arch == platform.arch;
-    let launcher = crate::launcher::choose_launcher(
-        &platform,
-        crate::launcher::flag_for(&request.launchers, &platform),
-        Some(builder_launcher.as_path()).filter(|path| same_machine && path.is_file()),
-    )
-    .map_err(|e| BuildError::Export(e.to_string()))?;
-    let run = run_image;
-    let (run_toml_image, run_toml_mirrors) = match run.run_toml {
-        Some((image, mirrors)) => (Some(image), mirrors),
-        None => (None, Vec::new()),
-    };
-    let exported = crate::export::export(
-        assembly,
-        crate::export::ExportRequest {
-            layers_dir: &built.layers,
-            app_dir: &built.workspace,
-            owner: crate::layer::cnb::Owner {
-                uid: built.owner.0.into(),
-                gid: built.owner.1.into(),
+/// The app image being made: every platform's image goes into one assembly, so a layer
+/// several platforms share is staged and compressed once.
+struct Exporting<'a> {
+    request: &'a BuildRequest,
+    project: Option<&'a Project>,
+    assembly: crate::assembly::Assembly,
+    /// The `created` time of every platform's image.
+    created: String,
+    /// More than one platform: errors name the platform at fault.
+    several: bool,
+}
+
+impl Exporting<'_> {
+    /// Exports one platform's app image from `built` onto `run_image`.
+    fn export(
+        &mut self,
+        built: &Built,
+        run_image: OpenedRunImage,
+        previous: Option<PreviousImage>,
+        notes: &mut Vec<String>,
+    ) -> Result<crate::export::Exported, BuildError> {
+        let request = self.request;
+        let platform = run_image.image.platform.clone();
+        // The build image's launcher is for the machine the buildpacks ran on: a target of
+        // another machine gets lathe's own launcher for it (or --launcher's).
+        let builder_launcher = built.builder_launcher();
+        let same_machine = built.platform.os == platform.os && built.platform.arch == platform.arch;
+        let export_error = |message: String| {
+            BuildError::Export(if self.several {
+                format!("{platform}: {message}")
+            } else {
+                message
+            })
+        };
+        let launcher = crate::launcher::choose_launcher(
+            &platform,
+            crate::launcher::flag_for(&request.launchers, &platform),
+            Some(builder_launcher.as_path()).filter(|path| same_machine && path.is_file()),
+        )
+        .map_err(|e| export_error(e.to_string()))?;
+        let run = run_image;
+        let (run_toml_image, mut mirrors) = match run.run_toml {
+            Some((image, mirrors)) => (Some(image), mirrors),
+            None => (None, Vec::new()),
+        };
+        mirrors.extend(request.run_image_mirrors.iter().map(recorded_name));
+        let exported = crate::export::export(
+            &mut self.assembly,
+            crate::export::ExportRequest {
+                layers_dir: &built.layers,
+                app_dir: &built.workspace,
+                owner: crate::layer::cnb::Owner {
+                    uid: built.owner.0.into(),
+                    gid: built.owner.1.into(),
+                },
+                run_image: crate::export::RunImage {
+                    source: run.source,
+                    layers: run.image.layers,
+                    manifest_digest: run.image.manifest.digest().to_string(),
+                    config: run.image.config,
+                    platform: run.image.platform,
+                    name: run.name,
+                    run_toml_image,
+                    mirrors,
+                },
+                previous,
+                launcher: &launcher.bytes,
+                launcher_version: crate::export::launcher_version(),
+                project_metadata: self
+                    .project
+                    .map(Project::source_metadata)
+                    .unwrap_or_else(|| serde_json::json!({})),
+                default_process: request.default_process.clone(),
+                created: self.created.clone(),
+                allow_foreign_binaries: request.allow_foreign_binaries,
             },
-            run_image: crate::export::RunImage {
-                source: run.source,
-                layers: run.image.layers,
-                manifest_digest: run.image.manifest.digest().to_string(),
-                config: run.image.config,
-                platform: run.image.platform,
-                name: run.name,
-                run_toml_image,
-                run_toml_mirrors,
-            },
-            previous,
-            launcher: &launcher.bytes,
-            launcher_version: crate::export::launcher_version(),
-            project_metadata: project
-                .map(Project::source_metadata)
-                .unwrap_or_else(|| serde_json::json!({})),
-            default_process: request.default_process.clone(),
-            created: created.to_string(),
-            allow_foreign_binaries: request.allow_foreign_binaries,
-        },
-    )
-    .map_err(|e| BuildError::Export(e.to_string()))?;
-    for warning in &exported.warnings {
-        tracing::warn!("{warning}");
+        )
+        .map_err(|e| export_error(e.to_string()))?;
+        for warning in &exported.warnings {
+            tracing::warn!("{warning}");
+        }
+        notes.extend(exported.warnings.iter().cloned());
+        Ok(exported)
     }
-    notes.extend(exported.warnings.iter().cloned());
-    Ok(exported)
 }
 
 /// Sets the image's root (the one platform's manifest, or an index of every platform's) and

@@ -371,6 +371,11 @@ pub struct BuildArgs {
     /// app layers, with a warning (by default they fail the export, naming each file)
     #[arg(long)]
     pub allow_foreign_binaries: bool,
+    /// Another registry name of the run image, recorded in the app's rebase metadata
+    /// (repeatable): where a site copies the run image to, so that `lathe rebase` there
+    /// finds it (one on the app's own registry is tried first)
+    #[arg(long, value_name = "REF", value_parser = parse_ref)]
+    pub run_image_mirror: Vec<ImageRef>,
     /// The image whose layers this build reuses (default: --output, when it is a registry or
     /// an OCI layout)
     #[arg(long, value_name = "REF", value_parser = parse_ref)]
@@ -853,6 +858,7 @@ fn build_command(args: BuildArgs, quiet: bool) -> anyhow::Result<i32> {
         cache_image: args.cache_image.clone(),
         clear_cache: args.clear_cache,
         previous_image: args.previous_image.clone(),
+        run_image_mirrors: args.run_image_mirror.clone(),
         allow_foreign_binaries: args.allow_foreign_binaries,
         default_process: args.default_process.clone(),
         launchers: args.launcher.clone(),

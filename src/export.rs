@@ -66,9 +66,11 @@ pub struct RunImage {
     pub platform: Platform,
     /// The name recorded in the labels (a registry name, or a layout's ref name).
     pub name: String,
-    /// The builder's run.toml entry that names it (image and mirrors), if any.
+    /// The builder's run.toml entry that names it, if any (else `name` is recorded).
     pub run_toml_image: Option<String>,
-    pub run_toml_mirrors: Vec<String>,
+    /// Other names of the run image recorded for rebase: run.toml's mirrors, then
+    /// `--run-image-mirror`s.
+    pub mirrors: Vec<String>,
 }
 
 /// The image an earlier build of the app wrote, whose layers this one may reuse.
@@ -476,10 +478,11 @@ pub fn export(assembly: &mut Assembly, request: ExportRequest) -> Result<Exporte
     }
 
     // Run image metadata for rebase.
-    let (label_image, label_mirrors) = match &run.run_toml_image {
-        Some(image) => (image.clone(), run.run_toml_mirrors.clone()),
-        None => (run.name.clone(), Vec::new()),
-    };
+    let label_image = run
+        .run_toml_image
+        .clone()
+        .unwrap_or_else(|| run.name.clone());
+    let label_mirrors = run.mirrors.clone();
     lifecycle.run_image = RunImageForRebase {
         top_layer,
         reference: format!(
