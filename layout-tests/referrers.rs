@@ -803,3 +803,87 @@ fn a_registry_with_the_referrers_api_is_read_through_it_and_gets_no_fallback_tag
         Some(a.signature.clone())
     );
 }
+
+/// `lathe bundle` carries what is attached to the images it gathers: the run image's
+/// signature and SBOMs go into the bundle with it and, copied out of the bundle on the other
+/// side of the gap, reach the internal registry with the same digests.
+#[test]
+fn a_bundle_carries_the_run_images_attachments_across_the_gap() {
+    let world = World::new();
+    let reg = TestRegistry::start(RegistryConfig::default());
+    let host = reg.host();
+    let src = scratch();
+    let a = attached_layout(src.path());
+    let run = format!("{host}/outside/run:v1");
+    lathe_ok(&["copy", &a.reference, &format!("docker://{run}")]);
+    let images = world_readable_lathe_and_fixtures().join("images");
+    let toml = world.path("builder.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[buildpacks]]\nuri = \"buildpacks/arch-neutral\"\n\n\
+             [[order]]\n[[order.group]]\nid = \"lathe-test/arch-neutral\"\n\n\
+             [build]\nimage = \"oci:{}:build\"\n\n[[run.images]]\nimage = \"{run}\"\n",
+            images.display()
+        ),
+    )
+    .unwrap();
+    let builder = format!("docker://{host}/outside/builder:v1");
+    let both = "linux/amd64,linux/arm64";
+    lathe_ok(&[
+        "builder",
+        "create",
+        "--config",
+        toml.to_str().unwrap(),
+        "--platform",
+        both,
+        "--output",
+        &builder,
+    ]);
+    let bundle = format!("oci-archive:{}", world.path("bundle.tar").display());
+    let report = json_of(&lathe_ok(&[
+        "bundle",
+        "--builder",
+        &builder,
+        "--platform",
+        both,
+        "--output",
+        &bundle,
+        "--json",
+    ]));
+    let entry = report["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == run.as_str())
+        .unwrap_or_else(|| panic!("no {run} in {report:#}"));
+    assert_eq!(
+        entry["digest"],
+        a.root.as_str(),
+        "the run image is bundled whole"
+    );
+    let carried: BTreeSet<&str> = entry["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["digest"].as_str().unwrap())
+        .collect();
+    let expected: BTreeSet<&str> = [
+        &a.signature,
+        &a.sbom,
+        &a.sbom_signature,
+        &a.amd64_sbom,
+        &a.arm64_sbom,
+    ]
+    .into_iter()
+    .map(String::as_str)
+    .collect();
+    assert_eq!(carried, expected);
+
+    lathe_ok(&[
+        "copy",
+        &format!("{bundle}:{run}"),
+        &format!("docker://{host}/internal/run:v1"),
+    ]);
+    assert_repository_has_all(&host, "internal/run", &a);
+}
