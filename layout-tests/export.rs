@@ -12,7 +12,6 @@ mod registry_support;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Output;
 
 use common::*;
 use registry_support::{FaultProxy, RegistryConfig, TestRegistry};
@@ -23,19 +22,6 @@ fn label(config: &Value, key: &str) -> Value {
         .as_str()
         .unwrap_or_else(|| panic!("no label {key}"));
     serde_json::from_str(text).unwrap()
-}
-
-/// `lathe run IMAGE` as an unprivileged user, with `extra` arguments.
-fn run_as_unprivileged(image: &str, extra: &[&str]) -> Output {
-    let world = world_readable_lathe_and_fixtures();
-    let store = scratch();
-    tool("chmod", &["777", store.path().to_str().unwrap()]);
-    command_as(Who::Unprivileged, &world.join("lathe"))
-        .args(["run", image, "--quiet"])
-        .arg(format!("--store={}", store.path().display()))
-        .args(extra)
-        .output()
-        .expect("run lathe run")
 }
 
 #[test]
@@ -55,7 +41,7 @@ fn the_app_image_runs_its_processes_with_env_files_and_exec_d() {
         &["-R", "a+rX", world.path("out").to_str().unwrap()],
     );
 
-    let default = run_as_unprivileged(&image, &[]);
+    let default = run_unprivileged(&[&image]);
     assert_eq!(default.status.code(), Some(0), "{}", report(&default));
     assert_eq!(
         String::from_utf8_lossy(&default.stdout),
@@ -63,7 +49,7 @@ fn the_app_image_runs_its_processes_with_env_files_and_exec_d() {
         "the default process lists $DEPS_HOME (an env file of the deps layer)"
     );
 
-    let show = run_as_unprivileged(&image, &["--process", "show"]);
+    let show = run_unprivileged(&[&image, "--process", "show"]);
     assert_eq!(show.status.code(), Some(0), "{}", report(&show));
     assert_eq!(
         String::from_utf8_lossy(&show.stdout),
@@ -612,7 +598,7 @@ fn the_previous_image_and_the_cache_image_give_back_what_a_rebuild_keeps() {
         "{err}"
     );
     assert_eq!(uploads(&proxy), 0, "{:#?}", proxy.seen());
-    let ran = run_as_unprivileged(&image, &[]);
+    let ran = run_unprivileged(&[&image]);
     assert_eq!(ran.status.code(), Some(0), "{}", report(&ran));
     assert_eq!(
         String::from_utf8_lossy(&ran.stdout),

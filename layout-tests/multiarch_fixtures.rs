@@ -111,15 +111,8 @@ impl World {
     /// `lathe run IMAGE` (its default process) as an unprivileged user; returns stdout.
     fn run(&self, reference: &str) -> String {
         tool("chmod", &["-R", "a+rX", &self.arg("out")]);
-        let world = world_readable_lathe_and_fixtures();
-        let store = scratch();
-        tool("chmod", &["777", store.path().to_str().unwrap()]);
-        let out = command_as(Who::Unprivileged, &world.join("lathe"))
-            .args(["run", "--quiet"])
-            .arg(format!("--store={}", store.path().display()))
-            .arg(format!("oci:{}:{reference}", self.path("out").display()))
-            .output()
-            .expect("run lathe run");
+        let image = format!("oci:{}:{reference}", self.path("out").display());
+        let out = run_unprivileged(&[&image]);
         assert_eq!(out.status.code(), Some(0), "{}", report(&out));
         String::from_utf8(out.stdout).unwrap()
     }

@@ -206,27 +206,6 @@ fn write_index(dir: &Path, name: &str, children: &[(&str, &str)]) -> String {
 }
 
 /// `lathe run IMAGE` as an unprivileged user.
-fn run_as_unprivileged(image: &str) -> Output {
-    run_unprivileged(&[image])
-}
-
-fn run_platform_as_unprivileged(image: &str, platform: &str) -> Output {
-    run_unprivileged(&["--platform", platform, image])
-}
-
-/// `lathe run --quiet ARGS` as an unprivileged user, with a store of its own.
-fn run_unprivileged(args: &[&str]) -> Output {
-    let world = world_readable_lathe_and_fixtures();
-    let store = scratch();
-    tool("chmod", &["777", store.path().to_str().unwrap()]);
-    command_as(Who::Unprivileged, &world.join("lathe"))
-        .args(["run", "--quiet"])
-        .args(args)
-        .arg(format!("--store={}", store.path().display()))
-        .output()
-        .expect("run lathe run")
-}
-
 #[test]
 fn a_layout_rebase_swaps_the_run_image_and_keeps_the_app() {
     let world = World::new();
@@ -351,7 +330,7 @@ fn a_layout_rebase_swaps_the_run_image_and_keeps_the_app() {
         "chmod",
         &["-R", "a+rX", world.path("out").to_str().unwrap()],
     );
-    let run = run_as_unprivileged(&app);
+    let run = run_unprivileged(&[&app]);
     assert_eq!(run.status.code(), Some(0), "{}", report(&run));
     assert_eq!(String::from_utf8_lossy(&run.stdout), "is-even\nleft-pad\n");
 
@@ -518,7 +497,7 @@ fn a_registry_rebase_moves_no_layer() {
     );
 
     // It runs, pulled from the registry by an unprivileged user.
-    let run_out = run_as_unprivileged(&app);
+    let run_out = run_unprivileged(&[&app]);
     assert_eq!(run_out.status.code(), Some(0), "{}", report(&run_out));
     assert_eq!(
         String::from_utf8_lossy(&run_out.stdout),
@@ -952,7 +931,7 @@ fn archives_are_rebased_in_place() {
         config["config"]["Labels"]["io.buildpacks.base.released"],
         "2025-01-01"
     );
-    let run = run_as_unprivileged(&docker_archive);
+    let run = run_unprivileged(&[&docker_archive]);
     assert_eq!(run.status.code(), Some(0), "{}", report(&run));
     assert_eq!(String::from_utf8_lossy(&run.stdout), "is-even\nleft-pad\n");
 
@@ -1066,7 +1045,7 @@ fn a_two_platform_build_is_rebased_on_the_registry_moving_no_layer() {
 
     // Both children run, pulled from the registry by an unprivileged user.
     for platform in ["linux/amd64", "linux/arm64"] {
-        let out = run_platform_as_unprivileged(&app, platform);
+        let out = run_unprivileged(&["--platform", platform, &app]);
         assert_eq!(out.status.code(), Some(0), "{platform}: {}", report(&out));
         assert_eq!(
             String::from_utf8_lossy(&out.stdout),
@@ -1122,7 +1101,7 @@ fn an_app_copied_across_the_air_gap_rebases_onto_its_run_image_mirror() {
         assert_eq!(diff_ids(&config)[..base_ids.len()], base_ids[..], "{arch}");
         assert_eq!(config["architecture"], *arch);
     }
-    let out = run_platform_as_unprivileged(&app, "linux/arm64");
+    let out = run_unprivileged(&["--platform", "linux/arm64", &app]);
     assert_eq!(out.status.code(), Some(0), "{}", report(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "is-even\nleft-pad\n");
 

@@ -545,6 +545,35 @@ pub enum Who {
     SubordinateIds,
 }
 
+/// `lathe run --quiet ARGS` as an unprivileged user (the world-readable copy of lathe), with
+/// a store of its own.
+pub fn run_unprivileged(args: &[&str]) -> Output {
+    let world = world_readable_lathe_and_fixtures();
+    let store = scratch();
+    tool("chmod", &["777", store.path().to_str().unwrap()]);
+    command_as(Who::Unprivileged, &world.join("lathe"))
+        .args(["run", "--quiet"])
+        .arg(format!("--store={}", store.path().display()))
+        .args(args)
+        .output()
+        .expect("run lathe run")
+}
+
+/// A `--json` build result's platforms, as (platform, where its layers came from).
+pub fn platform_summaries(result: &serde_json::Value) -> Vec<(String, String)> {
+    result["platforms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["platform"].as_str().unwrap().to_string(),
+                p["layers_from"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
