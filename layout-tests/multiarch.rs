@@ -454,4 +454,17 @@ fn a_multi_target_buildpack_runs_from_the_folder_of_the_machine_it_runs_on() {
     assert_eq!(out.status.code(), Some(3), "{}", report(&out));
     assert!(stderr(&out).contains("a docker-archive holds one platform"));
     assert!(!world.path("app.tar").exists());
+
+    // A platform the run image lacks is named before any buildpack runs.
+    let out = world.build_app(
+        Who::Unprivileged,
+        &world.path(APP),
+        "per-target",
+        &world.oci("s390x"),
+        &["--platform=linux/amd64,linux/s390x"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", report(&out));
+    let err = stderr(&out);
+    assert!(err.contains("the index has no linux/s390x image"), "{err}");
+    assert!(!err.contains("folder amd64"), "a build ran first: {err}");
 }

@@ -471,9 +471,14 @@ fn build_targets(
     let mut first: Option<Built> = None;
     let mut choice: Option<StrategyChoice> = None;
     let mut default_process = None;
-    for (index, platform) in order.into_iter().enumerate() {
+    // Every platform's run image is found before anything is built, so that one missing is
+    // named at once rather than after the other platforms' builds.
+    let mut run_images = Vec::new();
+    for platform in &order {
         let root = runner.builder_root(platform)?;
-        let run_image = open_run_image(request, &root, platform, store)?;
+        run_images.push(open_run_image(request, &root, platform, store)?);
+    }
+    for (index, (platform, run_image)) in order.into_iter().zip(run_images).enumerate() {
         let target_platform = run_image.image.platform.clone();
         let reuse = choice
             .as_ref()
